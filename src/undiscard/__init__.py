@@ -1,0 +1,39 @@
+"""undiscard: recover the activations that subsampling layers throw away.
+
+Subsampling layers (strided convs, pooling, patch embeddings, patch merging) keep one
+offset of every stride grid. undiscard finds every such site in any PyTorch model and
+runs the network under other offsets ("states"), per sample, exactly (SPEC §2 of the
+project; Yang et al., "Deep Nets with Subsampling Layers Unwittingly Discard Useful
+Activations at Test-Time", ECCV 2024, arXiv 2410.01083).
+
+    >>> sites = undiscard.find_sites(model, x[:1])          # doctest: +SKIP
+    >>> y = undiscard.run_states(model, x, states, sites)     # doctest: +SKIP
+"""
+
+from undiscard.engine import run_states, use_states
+from undiscard.errors import (
+    InputError,
+    NoSubsamplingSiteError,
+    SiteMismatchError,
+    StateError,
+    UndiscardError,
+    UnknownModelError,
+)
+from undiscard.sites import Site, SiteMap, SiteOp, find_sites
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "find_sites",
+    "run_states",
+    "use_states",
+    "Site",
+    "SiteMap",
+    "SiteOp",
+    "UndiscardError",
+    "InputError",
+    "NoSubsamplingSiteError",
+    "SiteMismatchError",
+    "StateError",
+    "UnknownModelError",
+]

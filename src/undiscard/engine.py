@@ -1,0 +1,187 @@
+"""Running a model under offset states, a different state per sample.
+
+The state is passed in, never stored on the model: :func:`use_states` is a context
+manager that pushes a thread-local ``TorchFunctionMode`` (and, for space-to-depth
+sites, forward pre-hooks that are inert outside this context and this thread) and
+always restores the model on exit. Two models, or two threads, can run states at once.
+
+Per-sample states cost no per-sample Python loop: at each site the batch is split by
+*distinct offset* (at most ``Rh * Rw`` groups), each group runs the op once, and the
+results are scattered back. A site where every sample has offset 0 calls the original
+op untouched, so the all-zero state reproduces the model bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+
+from undiscard.errors import SiteMismatchError
+from undiscard.oprefs import BINDERS
+from undiscard.ops import shift_at_offset
+from undiscard.sites import SiteMap
+
+__all__ = ["use_states", "run_states"]
+
+# (offset tuple, sample indices or None for "the whole batch")
+Groups = list[tuple[tuple[int, ...], torch.Tensor | None]]
+
+_ACTIVE: contextvars.ContextVar[object | None] = contextvars.ContextVar("undiscard_active", default=None)
+
+
+def _groups(sites: SiteMap, states: torch.Tensor) -> tuple[dict[int, Groups], int | None]:
+    """Per site index: its sample groups by distinct offset (only sites with a non-zero offset)."""
+    batch = None if states.dim() == 1 else states.shape[0]
+    out: dict[int, Groups] = {}
+    for j, i in enumerate(sites.searchable):
+        site = sites.sites[i]
+        col = states[..., j]
+        if batch is None:
+            k = int(col)
+            if k:
+                out[i] = [(site.offset_of(k), None)]
+            continue
+        values = torch.unique(col)
+        if len(values) == 1:
+            k = int(values[0])
+            if k:
+                out[i] = [(site.offset_of(k), None)]
+            continue
+        out[i] = [(site.offset_of(int(k)), (col == k).nonzero().flatten()) for k in values]
+    return out, batch
+
+
+def _apply(x: torch.Tensor, groups: Groups, batch: int | None, fn: Callable, where: str) -> Any:
+    """``fn(x_group, offset)`` per group, scattered back into one batch."""
+    if len(groups) == 1 and groups[0][1] is None:
+        return fn(x, groups[0][0])
+    if x.shape[0] != batch:
+        raise SiteMismatchError(
+            f"per-sample states need the batch on axis 0 at every site, but the input of '{where}' has "
+            f"{x.shape[0]} rows for a batch of {batch}; run one state per call for this model"
+        )
+    y = None
+    for offset, idx in groups:
+        idx = idx.to(x.device)
+        part = fn(x.index_select(0, idx), offset)
+        if y is None:
+            y = part.new_empty((batch, *part.shape[1:]))
+        y.index_copy_(0, idx, part)
+    return y
+
+
+class _StateMode(TorchFunctionMode):
+    def __init__(self, sites: SiteMap, groups: dict[int, Groups], batch: int | None) -> None:
+        super().__init__()
+        self.sites, self.groups, self.batch = sites, groups, batch
+        self.calls = sites.calls
+        self.counter = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        binder = BINDERS.get(func)
+        if binder is None:
+            return func(*args, **kwargs)
+        call = binder(func, args, kwargs)
+        if not call.strided:
+            return func(*args, **kwargs)
+        n = len(self.calls)
+        i = self.counter % n if n else 0
+        if not n or self.calls[i][:2] != (call.kind, call.stride):
+            expected = self.calls[i][:2] if n else None
+            raise SiteMismatchError(
+                f"strided op #{self.counter} of this forward is a {call.kind} with stride {call.stride}, but the "
+                f"sites were found with {expected}: this model is not the one the SiteMap was built from, or its "
+                f"control flow depends on the input. Call find_sites(model, x) on this model and input size."
+            )
+        self.counter += 1
+        site_index = self.calls[i][2]
+        groups = self.groups.get(site_index)
+        if groups is None:
+            return func(*args, **kwargs)
+        name = self.sites.sites[site_index].name
+        return _apply(call.x, groups, self.batch, lambda xs, off: call.with_input(xs).at_offset(off), name)
+
+
+@contextlib.contextmanager
+def use_states(model: nn.Module, sites: SiteMap, states: Any) -> Iterator[None]:
+    """Within this block, ``model(x)`` runs under ``states``.
+
+    Args:
+        model: the model ``sites`` was found on (or one with the same architecture).
+        sites: from :func:`undiscard.find_sites`.
+        states: one state for the whole batch (``(L,)``) or one per sample (``(N, L)``),
+            as flat offset indices or offset tuples (see :meth:`SiteMap.encode`).
+
+    The model is not modified; hooks and the interception mode are removed on exit,
+    even on error. Every forward inside the block must see the same batch size ``N``.
+
+    Example:
+        >>> sites = find_sites(model, x[:1])                            # doctest: +SKIP
+        >>> with use_states(model, sites, torch.tensor([[0, 1], [3, 2]])):  # doctest: +SKIP
+        ...     y = model(x)  # sample 0 under state (0, 1), sample 1 under (3, 2)
+    """
+    st = sites.encode(states)
+    groups, batch = _groups(sites, st)
+    token = object()
+    handles = []
+    for name, site_index in sites.module_sites:
+        g = groups.get(site_index)
+        if g is None:
+            continue
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as e:
+            raise SiteMismatchError(
+                f"the SiteMap names a space-to-depth module '{name}' that this model does not have; "
+                f"call find_sites on this model"
+            ) from e
+        site = sites.sites[site_index]
+        dims = site.ops[[o.name for o in site.ops].index(name)].spatial_dims
+        handles.append(module.register_forward_pre_hook(_shift_hook(token, g, batch, dims, name)))
+    mode = _StateMode(sites, groups, batch)
+    reset = _ACTIVE.set(token)
+    try:
+        with mode:
+            yield
+        if sites.calls and mode.counter % len(sites.calls):
+            raise SiteMismatchError(
+                f"the forward made {mode.counter} strided-op calls; the sites were found with "
+                f"{len(sites.calls)} per forward. Call find_sites(model, x) on this model and input size."
+            )
+    finally:
+        _ACTIVE.reset(reset)
+        for h in handles:
+            h.remove()
+
+
+def _shift_hook(token: object, groups: Groups, batch: int | None, dims: tuple[int, ...], name: str):
+    def hook(module, args):
+        if _ACTIVE.get() is not token or not args or not isinstance(args[0], torch.Tensor):
+            return None
+        x = _apply(args[0], groups, batch, lambda xs, off: shift_at_offset(xs, dims, off), name)
+        return (x, *args[1:])
+
+    return hook
+
+
+def run_states(model: nn.Module, x: Any, states: Any, sites: SiteMap, **kwargs: Any) -> Any:
+    """``model(x, **kwargs)`` under ``states`` (one for all, or one per sample).
+
+    Args:
+        x: ``(N, C, H, W)`` (or whatever the model takes; the batch is axis 0).
+        states: ``(L,)`` or ``(N, L)`` flat offset indices, or offset tuples.
+        sites: from :func:`undiscard.find_sites`.
+
+    Returns:
+        What ``model`` returns.
+    """
+    with use_states(model, sites, states):
+        return model(x, **kwargs)
+

@@ -1,0 +1,32 @@
+"""Errors raised by undiscard.
+
+Every error says what was expected, what came, and what to do about it. They all
+derive from :class:`UndiscardError`, so a caller can catch the library's own
+failures without catching bugs.
+"""
+
+from __future__ import annotations
+
+
+class UndiscardError(Exception):
+    """Base class of every error undiscard raises on purpose."""
+
+
+class NoSubsamplingSiteError(UndiscardError):
+    """The model has no strided op, pooling, patch embedding or patch merging."""
+
+
+class InputError(UndiscardError, ValueError):
+    """The example / run input has the wrong rank, or is too small for the network."""
+
+
+class StateError(UndiscardError, ValueError):
+    """A state of the wrong length, or an offset out of range for its site."""
+
+
+class UnknownModelError(UndiscardError, LookupError):
+    """A model name that no zoo knows, or a checkpoint path that does not exist."""
+
+
+class SiteMismatchError(UndiscardError, RuntimeError):
+    """The model ran different subsampling ops than the ones its sites were found on."""

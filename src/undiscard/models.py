@@ -1,0 +1,369 @@
+"""Model loading for the CLI: zoo names and local checkpoints.
+
+Accepted model specs:
+
+* ``timm:NAME`` -- a timm model (``timm.list_models()`` lists the names);
+* ``torchvision:NAME`` -- a torchvision classification model
+  (``torchvision.models.list_models()``);
+* a ``.safetensors`` file written by :func:`save_checkpoint` (it carries the
+  ``undiscard.arch`` metadata that says which model to build);
+* a ``.pt`` / ``.pth`` file holding a whole ``nn.Module`` saved with
+  ``torch.save(model, path)``. Loading it unpickles arbitrary Python objects:
+  only load files you trust.
+
+Zoo models come with random weights unless ``pretrained=True`` (which downloads
+them). Every loaded model is returned in eval mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from undiscard.errors import UndiscardError, UnknownModelError
+
+__all__ = ["LoadedModel", "load_model", "save_checkpoint", "SPEC_FORMS"]
+
+SPEC_FORMS = (
+    "accepted model specs: 'timm:NAME' (e.g. timm:resnet50), 'torchvision:NAME' "
+    "(e.g. torchvision:resnet18), or the path of an existing .safetensors checkpoint "
+    "(written by undiscard, with 'undiscard.arch' metadata) or .pt/.pth file holding a "
+    "whole nn.Module saved with torch.save(model)"
+)
+
+_META_ARCH = "undiscard.arch"
+_META_NUM_CLASSES = "undiscard.num_classes"
+_META_IN_CHANS = "undiscard.in_chans"
+_META_INPUT_SIZE = "undiscard.input_size"
+
+_RANDOM_NOTE = "random weights (no pretrained weights requested; pass --pretrained to download)"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, plus what the CLI needs to know about it.
+
+    ``input_size`` is the model's default input as ``(C, H, W)``. ``pretrained``
+    is true when the weights are not a random initialisation (downloaded, or
+    read from a checkpoint). ``note`` says where the weights came from.
+    """
+
+    model: nn.Module
+    spec: str
+    input_size: tuple[int, int, int]
+    pretrained: bool
+    note: str
+
+
+def _close_matches(name: str, names: list[str]) -> list[str]:
+    matches = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    if not matches:  # fall back to substring hits, e.g. "resnet" -> resnet18, ...
+        matches = [n for n in names if name.lower() in n.lower()][:5]
+    return matches
+
+
+def _unknown_name(zoo: str, name: str, names: list[str], how_to_list: str) -> UnknownModelError:
+    matches = _close_matches(name, names)
+    hint = f" Did you mean: {', '.join(f'{zoo}:{m}' for m in matches)}?" if matches else ""
+    return UnknownModelError(f"{zoo} has no model named {name!r}.{hint} List the names with {how_to_list}.")
+
+
+def _is_download_error(exc: BaseException) -> bool:
+    """True when ``exc`` (or what caused it) looks like a failed weight download."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (OSError, ConnectionError, TimeoutError)):
+            return True
+        module = type(cur).__module__ or ""
+        if module.split(".")[0] in {"huggingface_hub", "httpx", "httpx2", "httpcore", "requests", "urllib3"}:
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _download_failed(spec: str, exc: BaseException) -> UndiscardError:
+    return UndiscardError(
+        f"pretrained weights for {spec} could not be downloaded ({type(exc).__name__}: "
+        f"{str(exc).splitlines()[0] if str(exc) else ''}). Check the network connection, or omit "
+        "--pretrained to run with random weights."
+    )
+
+
+def _import_timm():
+    from undiscard._compat import ensure_torchvision
+
+    ensure_torchvision()
+    try:
+        import timm
+    except ImportError as exc:
+        raise UndiscardError(
+            f"timm is not installed ({exc}); install it with: pip install 'undiscard[zoo]'"
+        ) from exc
+    return timm
+
+
+def _import_torchvision():
+    from undiscard._compat import ensure_torchvision
+
+    ensure_torchvision()
+    try:
+        import torchvision
+    except ImportError as exc:
+        raise UndiscardError(
+            f"torchvision is not installed ({exc}); install it with: pip install 'undiscard[zoo]'"
+        ) from exc
+    return torchvision
+
+
+def _load_timm(name: str, spec: str, pretrained: bool, num_classes: int | None, in_chans: int | None) -> LoadedModel:
+    timm = _import_timm()
+    if not name or not timm.is_model(name):
+        raise _unknown_name("timm", name, timm.list_models(), "python -c \"import timm; print(timm.list_models())\"")
+    kw: dict = {}
+    if num_classes is not None:
+        kw["num_classes"] = num_classes
+    if in_chans is not None:
+        kw["in_chans"] = in_chans
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kw)
+    except Exception as exc:
+        if pretrained and _is_download_error(exc):
+            raise _download_failed(spec, exc) from exc
+        raise
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = tuple(cfg.get("input_size") or (3, 224, 224))
+    c, h, w = (int(v) for v in size)
+    if in_chans is not None:
+        c = in_chans
+    note = "pretrained weights (timm)" if pretrained else _RANDOM_NOTE
+    return LoadedModel(model.eval(), spec, (c, h, w), pretrained, note)
+
+
+def _load_torchvision(
+    name: str, spec: str, pretrained: bool, num_classes: int | None, in_chans: int | None
+) -> LoadedModel:
+    torchvision = _import_torchvision()
+    names = torchvision.models.list_models()
+    if name not in names:
+        raise _unknown_name(
+            "torchvision", name, names, "python -c \"import torchvision; print(torchvision.models.list_models())\""
+        )
+    if in_chans not in (None, 3):
+        raise UndiscardError(
+            f"torchvision models take 3 input channels, not in_chans={in_chans}; "
+            f"use a timm model (e.g. timm:{name}) for other channel counts"
+        )
+    kw: dict = {}
+    if num_classes is not None:
+        kw["num_classes"] = num_classes
+    try:
+        model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kw)
+    except Exception as exc:
+        if pretrained and _is_download_error(exc):
+            raise _download_failed(spec, exc) from exc
+        if pretrained and num_classes is not None and isinstance(exc, ValueError):
+            raise UndiscardError(
+                f"torchvision:{name} pretrained weights have a fixed number of classes ({exc}); "
+                "omit num_classes or --pretrained"
+            ) from exc
+        raise
+    size = (3, 299, 299) if name == "inception_v3" else (3, 224, 224)
+    note = "pretrained weights (torchvision DEFAULT)" if pretrained else _RANDOM_NOTE
+    return LoadedModel(model.eval(), spec, size, pretrained, note)
+
+
+def _parse_input_size(text: str, path: Path) -> tuple[int, int, int]:
+    try:
+        c, h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise UndiscardError(
+            f"{path}: metadata {_META_INPUT_SIZE}={text!r} is not 'C,H,W' (three integers, e.g. '3,224,224')"
+        ) from None
+    return c, h, w
+
+
+def _parse_int(meta: dict[str, str], key: str, path: Path) -> int | None:
+    if key not in meta:
+        return None
+    try:
+        return int(meta[key])
+    except ValueError:
+        raise UndiscardError(f"{path}: metadata {key}={meta[key]!r} is not an integer") from None
+
+
+def _load_safetensors(path: Path, spec: str, num_classes: int | None, in_chans: int | None) -> LoadedModel:
+    try:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+    except ImportError as exc:
+        raise UndiscardError(
+            f"reading {path} needs safetensors ({exc}); install it with: pip install 'undiscard[zoo]'"
+        ) from exc
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as exc:
+        raise UndiscardError(f"{path} is not a readable safetensors file: {exc}") from exc
+    arch = meta.get(_META_ARCH)
+    if not arch:
+        raise UndiscardError(
+            f"{path} has no '{_META_ARCH}' metadata, so undiscard cannot tell which model to build. "
+            f"Save it with undiscard.models.save_checkpoint(model, path, arch='timm:NAME', ...), or add "
+            f"metadata {{'{_META_ARCH}': 'timm:NAME'}} (optionally '{_META_NUM_CLASSES}', '{_META_IN_CHANS}', "
+            f"'{_META_INPUT_SIZE}'='C,H,W') when writing it"
+        )
+    if arch.startswith(("timm:", "torchvision:")) is False:
+        raise UndiscardError(f"{path}: metadata {_META_ARCH}={arch!r} must be 'timm:NAME' or 'torchvision:NAME'")
+    ck_classes = _parse_int(meta, _META_NUM_CLASSES, path)
+    ck_chans = _parse_int(meta, _META_IN_CHANS, path)
+    for given, stored, what in ((num_classes, ck_classes, "num_classes"), (in_chans, ck_chans, "in_chans")):
+        if given is not None and stored is not None and given != stored:
+            raise UndiscardError(f"{path} was saved with {what}={stored}, but {what}={given} was requested")
+    loaded = load_model(arch, num_classes=ck_classes, in_chans=ck_chans)
+    model = loaded.model
+    state = load_file(str(path), device="cpu")
+    own = model.state_dict()
+    cast = {}
+    for key, tensor in state.items():
+        ref = own.get(key)
+        if ref is not None and tensor.is_floating_point() and ref.is_floating_point() and tensor.dtype != ref.dtype:
+            tensor = tensor.to(ref.dtype)
+        cast[key] = tensor
+    # Tied/shared tensors are stored once (safetensors.torch.save_model drops the aliases):
+    # a key that is missing from the file but shares storage with a present key is fine.
+    missing = [k for k in own if k not in cast]
+    if missing:
+        ptr_to_key = {own[k].untyped_storage().data_ptr(): k for k in cast if k in own}
+        for k in missing:
+            alias = ptr_to_key.get(own[k].untyped_storage().data_ptr())
+            if alias is not None:
+                cast[k] = cast[alias]
+    try:
+        model.load_state_dict(cast, strict=True)
+    except RuntimeError as exc:
+        raise UndiscardError(f"{path} does not match the architecture {arch} it names: {exc}") from exc
+    size = _parse_input_size(meta[_META_INPUT_SIZE], path) if _META_INPUT_SIZE in meta else loaded.input_size
+    return LoadedModel(model.eval(), spec, size, True, f"weights from checkpoint {path} (arch {arch})")
+
+
+def _first_conv_channels(model: nn.Module) -> int | None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return None
+
+
+def _load_pickle(path: Path, spec: str) -> LoadedModel:
+    # weights_only=False unpickles arbitrary objects: only load files you trust.
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise UndiscardError(f"could not read {path} with torch.load: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(obj, nn.Module):
+        kind = "a state_dict" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+        raise UndiscardError(
+            f"{path} holds {kind}, not a whole model. Save the full module with torch.save(model, path), "
+            "or save the weights with undiscard.models.save_checkpoint(...) to a .safetensors file "
+            f"carrying '{_META_ARCH}' metadata (e.g. 'timm:resnet18')"
+        )
+    cfg = getattr(obj, "pretrained_cfg", None) or {}
+    if cfg.get("input_size"):
+        c, h, w = (int(v) for v in cfg["input_size"])
+    else:
+        c, h, w = 3, 224, 224
+    chans = _first_conv_channels(obj)
+    if chans is not None:
+        c = chans
+    return LoadedModel(obj.eval(), spec, (c, h, w), True, f"whole module unpickled from {path}")
+
+
+def load_model(
+    spec: str,
+    *,
+    pretrained: bool = False,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+) -> LoadedModel:
+    """Build or load the model that ``spec`` names (see the module docstring).
+
+    ``num_classes`` / ``in_chans`` change the zoo model's head / stem; for a
+    checkpoint they come from its metadata. Raises :class:`UnknownModelError`
+    for a name no zoo knows or a path that does not exist, and
+    :class:`UndiscardError` when pretrained weights cannot be downloaded or a
+    checkpoint cannot be used. The model is returned in eval mode.
+    """
+    spec = spec.strip()
+    if spec.startswith("timm:"):
+        return _load_timm(spec[len("timm:") :], spec, pretrained, num_classes, in_chans)
+    if spec.startswith("torchvision:"):
+        return _load_torchvision(spec[len("torchvision:") :], spec, pretrained, num_classes, in_chans)
+
+    path = Path(os.path.expanduser(spec))
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".safetensors":
+            return _load_safetensors(path, spec, num_classes, in_chans)
+        if suffix in (".pt", ".pth"):
+            return _load_pickle(path, spec)
+        raise UnknownModelError(f"{spec}: unsupported checkpoint extension {suffix!r}; {SPEC_FORMS}")
+
+    looks_like_path = os.sep in spec or "/" in spec or Path(spec).suffix.lower() in (".safetensors", ".pt", ".pth")
+    if looks_like_path:
+        raise UnknownModelError(f"no such file: {spec}; {SPEC_FORMS}")
+    prefix = spec.split(":", 1)[0] + ":" if ":" in spec else ""
+    hint = ""
+    if prefix:
+        hint = f" Unknown prefix {prefix!r}."
+    else:
+        hint = f" {spec!r} is neither a zoo spec nor an existing file. Did you mean timm:{spec}?"
+    raise UnknownModelError(f"cannot load model {spec!r}.{hint} {SPEC_FORMS}")
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    arch: str,
+    num_classes: int,
+    in_chans: int,
+    input_size: tuple,
+    extra_metadata: dict[str, str] | None = None,
+    half: bool = False,
+) -> Path:
+    """Write ``model``'s weights to a ``.safetensors`` file that :func:`load_model` can read.
+
+    ``arch`` is the zoo spec that rebuilds the model (e.g. ``'timm:resnet18'``);
+    ``num_classes``, ``in_chans`` and ``input_size`` ``(C, H, W)`` are stored with
+    it. ``half=True`` stores floating-point tensors as float16 (they are cast back
+    to the model's dtype on load). Tied/shared tensors are stored once.
+    """
+    try:
+        from safetensors.torch import save_model
+    except ImportError as exc:
+        raise UndiscardError(f"saving checkpoints needs safetensors ({exc}); pip install 'undiscard[zoo]'") from exc
+    if not arch.startswith(("timm:", "torchvision:")):
+        raise UndiscardError(f"arch must be 'timm:NAME' or 'torchvision:NAME', got {arch!r}")
+    size = tuple(int(v) for v in input_size)
+    if len(size) != 3:
+        raise UndiscardError(f"input_size must be (C, H, W), got {input_size!r}")
+    meta = {
+        _META_ARCH: arch,
+        _META_NUM_CLASSES: str(int(num_classes)),
+        _META_IN_CHANS: str(int(in_chans)),
+        _META_INPUT_SIZE: ",".join(str(v) for v in size),
+    }
+    for key, value in (extra_metadata or {}).items():
+        meta[str(key)] = str(value)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    to_save = copy.deepcopy(model).half() if half else model
+    save_model(to_save, str(out), metadata=meta)
+    return out
