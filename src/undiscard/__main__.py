@@ -1,0 +1,3 @@
+from undiscard.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,133 @@
+"""The ``undiscard`` command line.
+
+    undiscard sites [MODEL] [--input-size C H W] [--json]   the site table
+    undiscard check [MODEL] [--input-size C H W]            invariants, pass/fail
+
+MODEL is ``timm:NAME``, ``torchvision:NAME`` or a checkpoint path (see
+:mod:`undiscard.models`); the default is ``timm:resnet50``. Zoo models have random
+weights unless ``--pretrained`` is given (which downloads them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from undiscard.errors import UndiscardError
+
+DEFAULT_MODEL = "timm:resnet50"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    # A plain aligned table: the CLI runs with the core dependency (torch) alone.
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(t: Sequence[int]) -> str:
+    return "x".join(str(v) for v in t)
+
+
+def _parse_searchable(text: str):
+    if text in ("inner", "main", "all"):
+        return text
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UndiscardError(f"--searchable takes 'inner', 'main', 'all' or site indices like 1,2,3; got {text!r}") from None
+
+
+def _load(args):
+    from undiscard.models import load_model
+    from undiscard.sites import find_sites
+
+    loaded = load_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes, in_chans=args.in_chans)
+    size = tuple(args.input_size) if args.input_size else loaded.input_size
+    if any(v <= 0 for v in size):
+        raise UndiscardError(f"--input-size takes three positive integers C H W; got {' '.join(map(str, size))}")
+    x = torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
+    sites = find_sites(loaded.model, x, searchable=_parse_searchable(args.searchable))
+    return loaded, size, x, sites
+
+
+def cmd_sites(args) -> int:
+    loaded, size, _, sites = _load(args)
+    if args.json:
+        print(json.dumps(sites.as_dicts(), indent=2))
+        return 0
+    rows = []
+    for s in sites:
+        rows.append([
+            s.index, s.name, s.kind, _fmt(s.stride), _fmt(s.cum_stride), f"{_fmt(s.in_grid)} -> {_fmt(s.out_grid)}",
+            s.num_offsets, "yes" if s.index in sites.searchable else "no", "main" if s.main else "side",
+        ])
+    print(f"{loaded.spec}  input {_fmt(size)}  ({loaded.note})")
+    print(_table(["#", "name", "kind", "stride", "cum_stride", "grid", "offsets", "searchable", "path"], rows))
+    print(
+        f"{len(sites)} sites, {len(sites.searchable)} searchable, search space {sites.space_size} states, "
+        f"total stride {_fmt(sites.stride_total)}"
+    )
+    return 0
+
+
+def cmd_check(args) -> int:
+    from undiscard.checks import run_checks
+
+    loaded, size, x, sites = _load(args)
+    print(f"{loaded.spec}  input {_fmt(size)}  {len(sites)} sites  ({loaded.note})")
+    results = run_checks(loaded.model, sites, x, batch=args.batch)
+    print(_table(["check", "result", "detail"], [[r.name, "PASS" if r.passed else "FAIL", r.detail] for r in results]))
+    failed = [r for r in results if not r.passed]
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="undiscard", description="Recover the activations that subsampling layers discard.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(sp):
+        sp.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                        help=f"timm:NAME, torchvision:NAME or a checkpoint path (default {DEFAULT_MODEL})")
+        sp.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
+                        help="example input size (default: the model's own)")
+        sp.add_argument("--pretrained", action="store_true", help="download pretrained weights (default: random)")
+        sp.add_argument("--num-classes", type=int, default=None, help="build the zoo model with this many classes")
+        sp.add_argument("--in-chans", type=int, default=None, help="build the zoo model with this many input channels")
+        sp.add_argument("--searchable", default="inner",
+                        help="searchable sites: inner (default: main-path sites but first and last), main, all, or 1,2,3")
+
+    sp = sub.add_parser("sites", help="list the subsampling sites of a model")
+    model_args(sp)
+    sp.add_argument("--json", action="store_true", help="print a JSON list of sites")
+    sp.set_defaults(func=cmd_sites)
+
+    sp = sub.add_parser("check", help="run the invariants that hold for any model; exit 1 on a failure")
+    model_args(sp)
+    sp.add_argument("--batch", type=int, default=4, help="batch size for the per-sample check (default 4)")
+    sp.set_defaults(func=cmd_check)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # The compat guard's one-time notice (undiscard._compat) is for library users; on the
+    # command line it would precede every table. Detection ops are never used here.
+    warnings.filterwarnings("ignore", message="torchvision's C extension did not load")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UndiscardError as e:
+        print(f"undiscard: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
