@@ -451,7 +451,9 @@ class _Recorder(TorchFunctionMode):
             if rid == _INPUT:
                 continue
             op = self.recs[rid].op
-            groups.setdefault((op.stride, op.in_grid, op.out_grid), []).append(rid)
+            # keyed on the output grid: an op's input grid includes explicit padding
+            # (circular / same-pad convs), which its partner (a 1x1 shortcut) lacks
+            groups.setdefault((op.stride, op.out_grid), []).append(rid)
         for ids in groups.values():
             for other in ids[1:]:
                 self.uf.union(ids[0], other)
@@ -651,17 +653,18 @@ def _build(rec: _Recorder, x0: torch.Tensor, searchable, model_name: str) -> Sit
     for i, g in enumerate(ordered):
         g = sorted(g, key=lambda r: r.order)
         op0 = g[0].op
-        # main path: a later site subsamples the grid this one made. That grid may be trimmed
+        # main path: the next site fed by this one subsamples the grid it made. That grid may be trimmed
         # by valid convs or grown by explicit padding, but stays below ``out * R`` on every
         # strided axis; a side site's output (PVT's reduced keys/values, ``out * R`` ~ the
         # grid the network goes on with) is never subsampled again.
         def continues(j: int) -> bool:
             later = ordered[j][0].op.in_grid
-            return i in feeds[j] and all(
+            return all(
                 b < a * r for a, b, r in zip(op0.out_grid, later, op0.stride) if r > 1
             )
 
-        main = i == n - 1 or any(continues(j) for j in range(i + 1, n))
+        fed = [j for j in range(i + 1, n) if i in feeds[j]]
+        main = i == n - 1 or (bool(fed) and continues(fed[0]))
         sites.append(Site(i, tuple(r.op for r in g), op0.stride, (), op0.in_grid, op0.out_grid, main))
         image_rank = image_rank or len(op0.stride)
     # cumulative strides over main-path sites before each site
