@@ -592,6 +592,8 @@ def find_sites(
             try:
                 model(*args)
             except Exception as e:  # noqa: BLE001 - re-raised with context below
+                if rec.unbatched is not None:
+                    raise _unbatched_error(rec.unbatched, x0) from e
                 raise InputError(
                     f"{_model_name(model)} failed on an input of shape {tuple(x0.shape)}: {type(e).__name__}: "
                     f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}. Check the rank (N, C, H, W), the "
@@ -605,11 +607,7 @@ def find_sites(
         for m, training in modes.items():
             m.training = training
     if rec.unbatched is not None:
-        where, shape = rec.unbatched
-        raise InputError(
-            f"the strided op in '{where}' received an unbatched input of shape {shape}: the model input must be "
-            f"batched, (N, C, H, W); got {tuple(x0.shape)}"
-        )
+        raise _unbatched_error(rec.unbatched, x0)
     if not rec.recs:
         raise NoSubsamplingSiteError(
             f"{_model_name(model)} has no subsampling site on an input of shape {tuple(x0.shape)}: no strided "
@@ -617,6 +615,14 @@ def find_sites(
             f"(a model that never subsamples discards nothing)."
         )
     return _build(rec, x0, searchable, _model_name(model))
+
+
+def _unbatched_error(unbatched: tuple[str, tuple[int, ...]], x0: torch.Tensor) -> InputError:
+    where, shape = unbatched
+    return InputError(
+        f"the model input must be batched, (N, C, H, W); got {tuple(x0.shape)}, and the strided op in "
+        f"'{where}' received an unbatched {shape}. Add a batch axis with x.unsqueeze(0)."
+    )
 
 
 def _leaf_kind(m: nn.Module) -> str | None:
