@@ -418,6 +418,72 @@ def test_avg_pool_offset_zero_is_bitwise_identical_to_plain_avg_pool(case):
 
 
 # ---------------------------------------------------------------------------------
+# random sweep
+# ---------------------------------------------------------------------------------
+
+
+def _random_case(rng):
+    """A random valid 1-d/2-d conv/max/avg configuration. Every axis is at least as long
+    as its stride and dilation (smaller inputs: see test_input_shorter_than_offset_...)."""
+    import random
+
+    assert isinstance(rng, random.Random)
+    nd = rng.choice([1, 2])
+    kind = rng.choice(["conv", "max", "avg"])
+    k = tuple(rng.randint(1, 5) for _ in range(nd))
+    r = tuple(rng.randint(1, 4) for _ in range(nd))
+    d = tuple(rng.randint(1, 3) for _ in range(nd)) if kind != "avg" else (1,) * nd
+    if kind == "conv":
+        p = tuple(rng.randint(0, 3) for _ in range(nd))
+    else:
+        p = tuple(rng.randint(0, kk // 2) for kk in k)
+    sizes = tuple(rng.randint(max(rr, dd), 10) for rr, dd in zip(r, d))
+    ceil, cip = rng.random() < 0.5, rng.random() < 0.5
+    div = rng.choice([None, None, 3]) if nd == 2 and kind == "avg" else None
+    return kind, k, r, p, d, sizes, ceil, cip, div
+
+
+@pytest.mark.parametrize("chunk", range(6))
+def test_random_configs_every_offset_matches_reference(chunk):
+    import random
+
+    rng = random.Random(1000 + chunk)
+    checked = 0
+    while checked < 40:
+        kind, k, r, p, d, sizes, ceil, cip, div = _random_case(rng)
+        nd = len(k)
+        x = _randn(1, 2, *sizes, seed=checked)
+        w, b = _randn(3, 2, *k, seed=1), _randn(3, seed=2)
+        try:
+            if kind == "conv":
+                default = _conv_fn(nd)(x, w, b, r, p, d)
+            elif kind == "max":
+                default = _max_fn(nd)(x, k, r, p, d, ceil)
+            else:
+                default = _avg_plain(x, k, r, p, ceil, cip, div)
+        except RuntimeError:
+            continue  # torch rejects it (output too small, ...)
+        if default.numel() == 0:
+            continue
+        checked += 1
+        cfg = (kind, k, r, p, d, sizes, ceil, cip, div)
+        for s in _offsets(r):
+            if kind == "conv":
+                y = conv_at_offset(x, w, b, r, p, d, 1, s)
+                ref = conv_reference(x, w, b, r, p, d, 1, s)
+            elif kind == "max":
+                y = max_pool_at_offset(x, k, r, p, d, ceil, s)
+                ref = pool_reference(x, "max", k, r, p, d, ceil, None, None, s)[0]
+            else:
+                y = avg_pool_at_offset(x, k, r, p, ceil, cip, div, s)
+                ref = pool_reference(x, "avg", k, r, p, d, ceil, cip, div, s)[0]
+            if not any(s):
+                assert torch.equal(y, default), cfg
+            assert y.shape == default.shape, (cfg, s)
+            assert_close(y, ref, msg=lambda m: f"{cfg} offset {s}: {m}")
+
+
+# ---------------------------------------------------------------------------------
 # windows entirely in fill
 # ---------------------------------------------------------------------------------
 
@@ -482,6 +548,24 @@ def test_avg_pool_1d_window_entirely_in_fill_gives_zero():
     assert torch.isfinite(y).all()
     assert torch.equal(y[..., -1], torch.zeros(N, C, dtype=DT))
     assert_close(y[..., :2], x[..., 2::3][..., :2])
+
+
+@pytest.mark.parametrize("kind", ["conv", "max", "avg"])
+def test_input_shorter_than_offset_gives_fill_window_value_not_error(kind):
+    # Length-1 input, kernel 1, stride 3: default output 1 window (position 0). At offset 2
+    # the window sits at position 2, entirely in fill: bias for conv, 0 for pooling.
+    x = _randn(1, 2, 1)
+    w, b = _randn(3, 2, 1, seed=1), _randn(3, seed=2)
+    if kind == "conv":
+        y = conv_at_offset(x, w, b, (3,), (0,), (1,), 1, (2,))
+        expected = b.view(1, 3, 1)
+    elif kind == "max":
+        y = max_pool_at_offset(x, (1,), (3,), (0,), (1,), False, (2,))
+        expected = torch.zeros(1, 2, 1, dtype=DT)
+    else:
+        y = avg_pool_at_offset(x, (1,), (3,), (0,), False, True, None, (2,))
+        expected = torch.zeros(1, 2, 1, dtype=DT)
+    assert_close(y, expected)
 
 
 # ---------------------------------------------------------------------------------
@@ -657,6 +741,49 @@ def test_model_functional_max_pool_every_offset_matches_reference():
     assert sites[0].name.endswith("max_pool2d")
 
 
+class _FunctionalPool(nn.Module):
+    def __init__(self, call) -> None:
+        super().__init__()
+        self.call = call
+
+    def forward(self, x):
+        return self.call(x)
+
+
+@pytest.mark.parametrize(
+    "call,ref",
+    [
+        (  # default stride (= kernel), positional
+            lambda x: F.max_pool2d(x, 2),
+            lambda x, s: pool_reference(x, "max", (2, 2), (2, 2), (0, 0), (1, 1), False, None, None, s)[0],
+        ),
+        (
+            lambda x: F.max_pool2d(x, 3, 2, 1, 1, True),
+            lambda x, s: pool_reference(x, "max", (3, 3), (2, 2), (1, 1), (1, 1), True, None, None, s)[0],
+        ),
+        (
+            lambda x: F.avg_pool2d(x, 2, ceil_mode=True),
+            lambda x, s: pool_reference(x, "avg", (2, 2), (2, 2), (0, 0), (1, 1), True, True, None, s)[0],
+        ),
+        (
+            lambda x: F.avg_pool2d(x, kernel_size=3, stride=2, padding=1, count_include_pad=False),
+            lambda x, s: pool_reference(x, "avg", (3, 3), (2, 2), (1, 1), (1, 1), False, False, None, s)[0],
+        ),
+    ],
+    ids=["max-default-stride", "max-positional-ceil", "avg-default-stride-ceil", "avg-kwargs-nocip"],
+)
+def test_model_functional_pool_argument_forms_every_offset_matches_reference(call, ref):
+    m = _FunctionalPool(call)
+    _check_every_offset(m, _randn(2, 3, 7, 9), ref, (2, 2))
+
+
+def test_model_conv2d_valid_string_padding_every_offset_matches_reference():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding="valid")).double().eval()
+    ref = lambda x, s: conv_reference(x, m[0].weight, m[0].bias, (2, 2), (0, 0), (1, 1), 1, s)  # noqa: E731
+    _check_every_offset(m, _randn(2, 3, 8, 9), ref, (2, 2))
+
+
 def _same_pad(n, k, r, d=1):
     total = max((math.ceil(n / r) - 1) * r + (k - 1) * d + 1 - n, 0)
     return total // 2, total - total // 2
@@ -758,11 +885,6 @@ def test_model_swin_patch_merging_every_offset_is_module_on_shifted_input(sizes)
     assert sites[0].ops[0].spatial_dims == (1, 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="find_sites hooks only named submodules (name != ''), so a space-to-depth module that IS the "
-    "model (no wrapper) is never seen and NoSubsamplingSiteError is raised",
-)
 def test_model_swin_patch_merging_as_root_module_is_found():
     from timm.models.swin_transformer import PatchMerging
 

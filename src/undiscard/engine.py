@@ -131,7 +131,7 @@ def use_states(model: nn.Module, sites: SiteMap, states: Any) -> Iterator[None]:
     groups, batch = _groups(sites, st)
     token = object()
     handles = []
-    for name, site_index in sites.module_sites:
+    for name, site_index, dims in sites.module_sites:
         g = groups.get(site_index)
         if g is None:
             continue
@@ -142,8 +142,6 @@ def use_states(model: nn.Module, sites: SiteMap, states: Any) -> Iterator[None]:
                 f"the SiteMap names a space-to-depth module '{name}' that this model does not have; "
                 f"call find_sites on this model"
             ) from e
-        site = sites.sites[site_index]
-        dims = site.ops[[o.name for o in site.ops].index(name)].spatial_dims
         handles.append(module.register_forward_pre_hook(_shift_hook(token, g, batch, dims, name)))
     mode = _StateMode(sites, groups, batch)
     reset = _ACTIVE.set(token)

@@ -18,8 +18,8 @@ slice reference.
 One edge the definition leaves open: a window lying *entirely* in fill (possible only
 when ``R > k - p``: the stride exceeds the kernel's reach). Such a window has no input
 element. A convolution gives its bias there, as over zero padding; max- and
-average-pooling give 0 (rather than ``-inf`` or ``0/0``), so no non-finite value
-enters the network.
+average-pooling give 0 (rather than ``-inf`` or ``0/0``). (A dilated max-pool whose
+taps all skip the input is ``-inf`` as in PyTorch's own op at offset 0; left as is.)
 """
 
 from __future__ import annotations
@@ -46,6 +46,25 @@ def _pad_spec(pad_lo: Sequence[int], pad_hi: Sequence[int]) -> list[int]:
     for lo, hi in zip(reversed(pad_lo), reversed(pad_hi)):
         spec += [lo, hi]
     return spec
+
+
+def _pad(x: torch.Tensor, lo: Sequence[int], hi: Sequence[int], value: float = 0.0) -> torch.Tensor:
+    """F.pad with per-axis leading ``lo`` (negative: crop) and trailing ``hi``.
+
+    F.pad cannot crop more than the tensor holds; a crop deeper than the input (an offset
+    past a tiny map, ``s - p > n``) pads first and then cuts, giving pure fill.
+    """
+    sizes = x.shape[x.dim() - len(lo):]
+    if all(lv > -n for lv, n in zip(lo, sizes)):
+        return F.pad(x, _pad_spec(lo, hi), value=value)
+    start = [max(-lv, 0) for lv in lo]
+    lengths = [lv + n + h for lv, n, h in zip(lo, sizes, hi)]
+    lo2 = [max(lv, 0) for lv in lo]
+    hi2 = [max(st + ln - n - l2, 0) for st, ln, n, l2 in zip(start, lengths, sizes, lo2)]
+    y = F.pad(x, _pad_spec(lo2, hi2), value=value)
+    for axis, (st, ln) in enumerate(zip(start, lengths)):
+        y = y.narrow(y.dim() - len(lo) + axis, st, ln)
+    return y
 
 
 def _out_len(length: int, k: int, r: int, p: int, d: int, ceil_mode: bool) -> int:
@@ -120,7 +139,7 @@ def conv_at_offset(
     kernel = weight.shape[2:]
     out = [_out_len(n, k, r, p, d, False) for n, k, r, p, d in zip(sizes, kernel, stride, padding, dilation)]
     lo, hi = _shifted_pads(sizes, kernel, stride, padding, dilation, offset, out)
-    xp = F.pad(x, _pad_spec(lo, hi))
+    xp = _pad(x, lo, hi)
     y = conv(xp, weight, bias, tuple(stride), 0, tuple(dilation), groups)
     return y[(Ellipsis, *[slice(0, n) for n in out])]
 
@@ -149,7 +168,7 @@ def max_pool_at_offset(
     sizes = x.shape[2:]
     out = [_out_len(n, k, r, p, d, ceil_mode) for n, k, r, p, d in zip(sizes, kernel, stride, padding, dilation)]
     lo, hi = _shifted_pads(sizes, kernel, stride, padding, dilation, offset, out)
-    xp = F.pad(x, _pad_spec(lo, hi), value=float("-inf"))
+    xp = _pad(x, lo, hi, float("-inf"))
     y = pool(xp, tuple(kernel), tuple(stride), 0, tuple(dilation), False)
     y = y[(Ellipsis, *[slice(0, n) for n in out])]
     return _zero_empty_windows(y, sizes, stride, lo, out)
@@ -193,8 +212,7 @@ def avg_pool_at_offset(
     ones = (1,) * nd
     out = [_out_len(n, k, r, p, 1, ceil_mode) for n, k, r, p in zip(sizes, kernel, stride, padding)]
     lo, hi = _shifted_pads(sizes, kernel, stride, padding, ones, offset, out)
-    spec = _pad_spec(lo, hi)
-    window_sum = pool(F.pad(x, spec), tuple(kernel), tuple(stride), 0, False, True, 1)
+    window_sum = pool(_pad(x, lo, hi), tuple(kernel), tuple(stride), 0, False, True, 1)
     window_sum = window_sum[(Ellipsis, *[slice(0, n) for n in out])]
     if divisor_override is not None:
         return window_sum / divisor_override
@@ -202,7 +220,7 @@ def avg_pool_at_offset(
     # and (like PyTorch's ceil_mode) 0 beyond the original padding.
     mask = torch.ones((1, 1, *sizes), dtype=x.dtype, device=x.device)
     mask = F.pad(mask, _pad_spec(padding, padding), value=1.0 if count_include_pad else 0.0)
-    mask = F.pad(mask, _pad_spec([lv - p for lv, p in zip(lo, padding)], [h - p for h, p in zip(hi, padding)]))
+    mask = _pad(mask, [lv - p for lv, p in zip(lo, padding)], [h - p for h, p in zip(hi, padding)])
     count = pool(mask, tuple(kernel), tuple(stride), 0, False, True, 1)
     count = count[(Ellipsis, *[slice(0, n) for n in out])]
     return window_sum / count.clamp_min(1.0)

@@ -156,8 +156,8 @@ class SiteMap:
     input_shape: tuple[int, ...]
     #: (kind, stride, site index) of every strided-op call, in call order
     calls: tuple[tuple[str, tuple[int, ...], int], ...]
-    #: module name -> site index, for space-to-depth modules
-    module_sites: tuple[tuple[str, int], ...] = ()
+    #: (module path, site index, spatial axes) of each space-to-depth module ("" = the model)
+    module_sites: tuple[tuple[str, int, tuple[int, ...]], ...] = ()
     model_name: str = ""
 
     # -- views -------------------------------------------------------------
@@ -341,6 +341,7 @@ class _Rec:
     order: int
     op: SiteOp
     in_anc: frozenset
+    module_path: str | None = None  # space-to-depth modules: path for get_submodule ("" = root)
 
 
 class _UnionFind:
@@ -417,7 +418,7 @@ class _Recorder(TorchFunctionMode):
                 # a conv/pool module's own call is named after the module; a functional call
                 # in a composite module's forward gets ':function' appended
                 is_module_op = self.leaf_kind.get(owner) == call.kind
-                name = owner if is_module_op else f"{owner}:{fname}" if owner else fname
+                name = (owner or "(model)") if is_module_op else f"{owner}:{fname}" if owner else fname
                 op = SiteOp(
                     name=name,
                     kind=call.kind,
@@ -486,7 +487,7 @@ class _Recorder(TorchFunctionMode):
                 return None
             dims, stride = found
             op = SiteOp(
-                name=name,
+                name=name or "(model)",
                 kind="space_to_depth",
                 call_index=None,
                 stride=stride,
@@ -495,7 +496,7 @@ class _Recorder(TorchFunctionMode):
                 out_grid=tuple(output.shape[d] for d in dims),
                 spatial_dims=dims,
             )
-            rec = _Rec(len(self.recs), self.events, op, frame.in_anc)
+            rec = _Rec(len(self.recs), self.events, op, frame.in_anc, module_path=name)
             self.recs.append(rec)
             self.tag(output, self.anc(output) | frame.in_anc | {rec.id})
             return None
@@ -577,8 +578,6 @@ def find_sites(
     modes = {m: m.training for m in model.modules()}
     handles = []
     for name, m in model.named_modules():
-        if name == "":
-            continue
         kind = _leaf_kind(m)
         if kind:
             rec.leaf_kind[name] = kind
@@ -685,7 +684,9 @@ def _build(rec: _Recorder, x0: torch.Tensor, searchable, model_name: str) -> Sit
     calls = sorted(
         ((r.op.call_index, r.op.kind, r.op.stride, site_of[r.id]) for r in rec.recs if r.op.call_index is not None)
     )
-    module_sites = tuple((r.op.name, site_of[r.id]) for r in rec.recs if r.op.call_index is None)
+    module_sites = tuple(
+        (r.module_path, site_of[r.id], r.op.spatial_dims) for r in rec.recs if r.module_path is not None
+    )
     return SiteMap(
         sites=tuple(out),
         searchable=_resolve_searchable(searchable, out),
