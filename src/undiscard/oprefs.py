@@ -102,13 +102,18 @@ def _bind_conv(nd: int):
     return bind
 
 
+def _pool_geometry(args: tuple, kwargs: dict, nd: int):
+    """input, kernel, stride (None or () means = kernel, as in PyTorch), padding."""
+    x = _arg(args, kwargs, 0, "input", None)
+    kernel = _tuple(_arg(args, kwargs, 1, "kernel_size", None), nd)
+    stride = _arg(args, kwargs, 2, "stride", None)
+    stride = kernel if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _tuple(stride, nd)
+    return x, kernel, stride, _tuple(_arg(args, kwargs, 3, "padding", 0), nd)
+
+
 def _bind_max_pool(nd: int, with_indices: bool):
     def bind(func, args, kwargs) -> OpCall:
-        x = _arg(args, kwargs, 0, "input", None)
-        kernel = _tuple(_arg(args, kwargs, 1, "kernel_size", None), nd)
-        stride = _arg(args, kwargs, 2, "stride", None)
-        stride = kernel if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _tuple(stride, nd)
-        padding = _tuple(_arg(args, kwargs, 3, "padding", 0), nd)
+        x, kernel, stride, padding = _pool_geometry(args, kwargs, nd)
         dilation = _tuple(_arg(args, kwargs, 4, "dilation", 1), nd)
         ceil_mode = bool(_arg(args, kwargs, 5, "ceil_mode", False))
         ret = with_indices or bool(_arg(args, kwargs, 6, "return_indices", False))
@@ -119,11 +124,7 @@ def _bind_max_pool(nd: int, with_indices: bool):
 
 def _bind_avg_pool(nd: int):
     def bind(func, args, kwargs) -> OpCall:
-        x = _arg(args, kwargs, 0, "input", None)
-        kernel = _tuple(_arg(args, kwargs, 1, "kernel_size", None), nd)
-        stride = _arg(args, kwargs, 2, "stride", None)
-        stride = kernel if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _tuple(stride, nd)
-        padding = _tuple(_arg(args, kwargs, 3, "padding", 0), nd)
+        x, kernel, stride, padding = _pool_geometry(args, kwargs, nd)
         ceil_mode = bool(_arg(args, kwargs, 4, "ceil_mode", False))
         cip = bool(_arg(args, kwargs, 5, "count_include_pad", True))
         div = _arg(args, kwargs, 6, "divisor_override", None) if nd > 1 else None
