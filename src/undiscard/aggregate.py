@@ -1,0 +1,51 @@
+"""Learning-free aggregation over the states of each image (SPEC §3, step 2).
+
+* ``mean``: the plain average;
+* ``entropy``: ``w_s = (1 - H(p_s) / log K) / Z``, so confident states weigh more.
+  NaN-safe: ``0 * log 0`` counts as 0, non-finite logits get weight 0, and an image
+  whose weights are all 0 (every state uniform) falls back to equal weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["entropy", "entropy_weights", "weighted_mean"]
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Predictive entropy in nats over the last axis: ``(..., K) -> (...)`` (NaN-safe)."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    p = logp.exp()
+    h = -(torch.where(p > 0, p * logp, torch.zeros_like(p))).sum(-1)
+    return h.to(logits.dtype)
+
+
+def entropy_weights(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Weights ``(N, B)`` for ``B`` states' logits ``(N, B, K)``, summing to 1 per image.
+
+    Args:
+        logits: ``(N, B, K)``.
+        mask: optional ``(N, B)`` bool, False for padding states (weight 0).
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be (N, B, K); got {tuple(logits.shape)}")
+    k = logits.shape[-1]
+    finite = torch.isfinite(logits).all(-1)
+    safe = torch.where(finite[..., None], logits, torch.zeros_like(logits))
+    w = (1 - entropy(safe).double() / math.log(k)).clamp_min(0) if k > 1 else torch.ones(finite.shape, dtype=torch.double)
+    valid = finite if mask is None else finite & mask
+    w = torch.where(valid, w, torch.zeros_like(w))
+    z = w.sum(1, keepdim=True)
+    uniform = valid.double() / valid.double().sum(1, keepdim=True).clamp_min(1)
+    return torch.where(z > 0, w / z.clamp_min(1e-300), uniform).to(logits.dtype)
+
+
+def weighted_mean(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``(N, B, *F) -> (N, *F)``: the mean over states, or the ``(N, B)``-weighted sum."""
+    if weights is None:
+        return x.mean(1)
+    w = weights.reshape(*weights.shape, *([1] * (x.dim() - 2))).to(x.dtype)
+    return torch.where(w > 0, x * w, torch.zeros_like(x)).sum(1)  # a 0-weight state may be non-finite
