@@ -1,0 +1,163 @@
+"""Greedy best-first search over the state lattice, per image, batched (SPEC §3, step 1).
+
+Start at the default state. Keep every evaluated state; repeatedly take, for each image,
+the most promising evaluated state whose neighbours (states that differ at exactly one
+searchable site) are not all evaluated, and evaluate some of them, until the image has
+``budget`` evaluated states (the default included: ``budget=1`` is the plain model).
+The lattice is connected, so while a state is unevaluated some evaluated state has an
+unevaluated neighbour: every state is reachable, and ``budget == space_size`` evaluates
+them all.
+
+Each step gathers the new states of ALL images and evaluates them in one call of
+``evaluate`` (no per-image forward); only the bookkeeping is per image.
+
+Criteria (how promising an evaluated state is; the neighbours of the chosen state are
+taken in seeded random order, or nearest first for ``displacement``):
+
+* ``entropy``: lower predictive entropy first (learning-free);
+* ``learned``: higher learned weight first (pass ``score`` from the attention aggregator);
+* ``random``: seeded random priority;
+* ``displacement``: smallest ``|Delta|`` first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from undiscard.errors import StateError
+from undiscard.sites import SiteMap
+
+__all__ = ["CRITERIA", "SearchResult", "greedy_search", "neighbours"]
+
+CRITERIA = ("entropy", "learned", "random", "displacement")
+
+
+@dataclass
+class SearchResult:
+    """What the search evaluated, per image, in evaluation order.
+
+    Attributes:
+        states: ``(N, B, L)`` flat offset indices; ``states[:, 0]`` is the default state.
+        outputs: ``(N, B, ...)`` what ``evaluate`` returned for each state.
+        scores: ``(N, B)`` the criterion's promise of each state (higher = more promising).
+    """
+
+    states: torch.Tensor
+    outputs: torch.Tensor
+    scores: torch.Tensor
+
+
+def neighbours(state: tuple[int, ...], sites: SiteMap) -> list[tuple[int, ...]]:
+    """States that differ from ``state`` at exactly one searchable site."""
+    out = []
+    for j, site in enumerate(sites.searchable_sites):
+        for k in range(site.num_offsets):
+            if k != state[j]:
+                out.append(state[:j] + (k,) + state[j + 1 :])
+    return out
+
+
+def greedy_search(
+    evaluate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    n_images: int,
+    sites: SiteMap,
+    budget: int,
+    criterion: str = "entropy",
+    *,
+    score: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    width: int | None = None,
+    seed: int = 0,
+) -> SearchResult:
+    """Search ``budget`` states per image.
+
+    Args:
+        evaluate: ``(image_index (M,), states (M, L)) -> outputs (M, ...)``; called once per
+            step with the new states of every image.
+        n_images: ``N``.
+        sites: the searchable sites define the lattice.
+        budget: evaluated states per image, the default included (``1 <= B <= space_size``).
+        criterion: one of :data:`CRITERIA`.
+        score: ``outputs (M, ...) -> (M,)`` promise (higher = better); required for
+            ``entropy`` (e.g. minus the entropy of the logits) and ``learned``.
+        width: at most this many neighbours evaluated per image per step (default: all
+            unevaluated neighbours of the chosen state, up to the budget left).
+        seed: makes ``random`` priorities and neighbour order deterministic.
+
+    Raises:
+        StateError: a budget outside ``1..space_size``, an unknown criterion, or a missing ``score``.
+    """
+    if criterion not in CRITERIA:
+        raise StateError(f"criterion must be one of {CRITERIA}; got {criterion!r}")
+    if criterion in ("entropy", "learned") and score is None:
+        raise StateError(f"criterion {criterion!r} needs a score function (outputs -> promise)")
+    space = sites.space_size
+    if not 1 <= budget <= space:
+        raise StateError(
+            f"budget {budget} is outside 1..{space}: the search space of the {len(sites.searchable)} searchable "
+            f"sites {list(sites.searchable)} holds {space} states. Lower the budget or search more sites."
+        )
+    gen = torch.Generator().manual_seed(seed)
+    L = len(sites.searchable)
+    zero = (0,) * L
+
+    def promise(states: list[tuple[int, ...]], outputs: torch.Tensor | None) -> list[float]:
+        if criterion == "random":
+            return torch.rand(len(states), generator=gen, dtype=torch.float64).tolist()
+        if criterion == "displacement":
+            d = sites.displacement(torch.tensor(states, dtype=torch.long).reshape(len(states), L)).double()
+            return (-d.norm(dim=1)).tolist()
+        return score(outputs).double().tolist()
+
+    def order(cands: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        if criterion == "displacement":
+            d = sites.displacement(torch.tensor(cands, dtype=torch.long).reshape(len(cands), L)).double().norm(dim=1)
+            return [cands[i] for i in torch.argsort(d, stable=True).tolist()]
+        perm = torch.randperm(len(cands), generator=gen).tolist()
+        return [cands[i] for i in perm]
+
+    seen: list[dict[tuple[int, ...], int]] = [{zero: 0} for _ in range(n_images)]
+    evaluated: list[list[tuple[int, ...]]] = [[zero] for _ in range(n_images)]
+    prom: list[list[float]] = [[] for _ in range(n_images)]
+    outs: list[list[torch.Tensor]] = [[] for _ in range(n_images)]
+    exhausted: list[set[int]] = [set() for _ in range(n_images)]  # nodes whose neighbours are all evaluated
+
+    def run(img: list[int], sts: list[tuple[int, ...]]) -> None:
+        o = evaluate(torch.tensor(img, dtype=torch.long), torch.tensor(sts, dtype=torch.long).reshape(len(sts), L))
+        p = promise(sts, o)
+        for r, (i, st) in enumerate(zip(img, sts)):
+            outs[i].append(o[r])
+            prom[i].append(p[r])
+
+    run(list(range(n_images)), [zero] * n_images)
+    while True:
+        req_img: list[int] = []
+        req_st: list[tuple[int, ...]] = []
+        for i in range(n_images):
+            need = budget - len(evaluated[i])
+            if need <= 0:
+                continue
+            for node in sorted(range(len(evaluated[i])), key=lambda n: -prom[i][n]):
+                if node in exhausted[i]:
+                    continue
+                fresh = [s for s in neighbours(evaluated[i][node], sites) if s not in seen[i]]
+                if not fresh:
+                    exhausted[i].add(node)
+                    continue
+                take = order(fresh)[: min(need, width or need)]
+                for st in take:
+                    seen[i][st] = len(evaluated[i])
+                    evaluated[i].append(st)
+                    req_img.append(i)
+                    req_st.append(st)
+                break
+        if not req_img:
+            break
+        run(req_img, req_st)
+    return SearchResult(
+        states=torch.tensor(evaluated, dtype=torch.long).reshape(n_images, budget, L),
+        outputs=torch.stack([torch.stack(o) for o in outs]),
+        scores=torch.tensor(prom, dtype=torch.float64),
+    )
