@@ -30,3 +30,7 @@ class UnknownModelError(UndiscardError, LookupError):
 
 class SiteMismatchError(UndiscardError, RuntimeError):
     """The model ran different subsampling ops than the ones its sites were found on."""
+
+
+class DatasetNotFoundError(UndiscardError, FileNotFoundError):
+    """Data files or folders that are not where they were looked for."""
