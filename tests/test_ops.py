@@ -122,7 +122,6 @@ def pool_reference(x, kind, kernel, stride, padding, dilation, ceil_mode, cip, d
     elements / (#input + #original-padding if count_include_pad), or / divisor_override.
     A window without input element gives 0.
     """
-    nd = x.dim() - 2
     sizes = tuple(x.shape[2:])
     out = [
         _torch_pool_out(n, k, r, p, d, ceil_mode)
