@@ -27,7 +27,7 @@ def _fake_evaluate(table):
     return evaluate
 
 
-def _neg_entropy(out):
+def _neg_entropy(out, states=None):
     return -entropy(out)
 
 
@@ -112,3 +112,25 @@ def test_search_with_the_real_engine_evaluates_what_it_reports():
         for b in range(5):
             want = undiscard.run_states(net, x[i : i + 1], res.states[i, b], sites).flatten(1)[0, :10]
             torch.testing.assert_close(res.outputs[i, b], want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("criterion", ["entropy", "random", "displacement"])
+def test_a_smaller_budget_is_a_prefix_of_a_larger_one(sites, criterion):
+    # per-image generators: image i's search does not depend on the budget or the other images
+    g = torch.Generator().manual_seed(3)
+    table = {(i, s): torch.randn(5, generator=g) for i in range(4) for s in _all_states(sites)}
+    ev = _fake_evaluate(lambda i, s: table[(i, s)])
+    big = greedy_search(ev, 4, sites, 8, criterion, score=_neg_entropy, seed=5)
+    for b in (1, 2, 3, 5, 7):
+        small = greedy_search(ev, 4, sites, b, criterion, score=_neg_entropy, seed=5)
+        assert torch.equal(small.states, big.states[:, :b])
+    # and a different seed changes the order for the random criterion
+    if criterion == "random":
+        other = greedy_search(ev, 4, sites, 8, criterion, score=_neg_entropy, seed=6)
+        assert not torch.equal(other.states, big.states)
+
+
+def _all_states(sites):
+    import itertools
+
+    return list(itertools.product(*[range(sites.sites[i].num_offsets) for i in sites.searchable]))

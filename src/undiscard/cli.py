@@ -90,6 +90,16 @@ def cmd_check(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_train_backbone(args) -> int:
+    from undiscard.zoo import Recipe, train_backbone
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    recipe = Recipe(arch=args.arch, size=args.size, in_chans=args.in_chans, epochs=args.epochs,
+                    batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    train_backbone(recipe, args.out, root=args.data_root, half=not args.fp32)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="undiscard", description="Recover the activations that subsampling layers discard.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -114,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(sp)
     sp.add_argument("--batch", type=int, default=4, help="batch size for the per-sample check (default 4)")
     sp.set_defaults(func=cmd_check)
+
+    sp = sub.add_parser("train-backbone", help="train a zoo backbone on Fashion-MNIST (seeded, resumable)")
+    sp.add_argument("arch", help="timm:NAME or torchvision:NAME")
+    sp.add_argument("--out", required=True, help="output .safetensors path")
+    sp.add_argument("--size", type=int, default=128, help="input side in pixels (default 128)")
+    sp.add_argument("--in-chans", type=int, default=1, help="input channels (default 1)")
+    sp.add_argument("--epochs", type=float, default=1.0, help="epochs, fractions allowed (default 1)")
+    sp.add_argument("--batch-size", type=int, default=128)
+    sp.add_argument("--lr", type=float, default=2e-3)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    sp.add_argument("--fp32", action="store_true", help="store float32 weights (default float16)")
+    sp.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX files")
+    sp.set_defaults(func=cmd_train_backbone)
     return p
 
 

@@ -15,7 +15,7 @@ Criteria (how promising an evaluated state is; the neighbours of the chosen stat
 taken in seeded random order, or nearest first for ``displacement``):
 
 * ``entropy``: lower predictive entropy first (learning-free);
-* ``learned``: higher learned weight first (pass ``score`` from the attention aggregator);
+* ``learned``: higher learned weight first (``score`` from :meth:`AttentionAggregator.state_logits`);
 * ``random``: seeded random priority;
 * ``displacement``: smallest ``|Delta|`` first.
 """
@@ -80,11 +80,13 @@ def greedy_search(
         sites: the searchable sites define the lattice.
         budget: evaluated states per image, the default included (``1 <= B <= space_size``).
         criterion: one of :data:`CRITERIA`.
-        score: ``outputs (M, ...) -> (M,)`` promise (higher = better); required for
-            ``entropy`` (e.g. minus the entropy of the logits) and ``learned``.
+        score: ``(outputs (M, ...), states (M, L)) -> (M,)`` promise (higher = better);
+            required for ``entropy`` (e.g. minus the entropy of the logits) and ``learned``.
         width: at most this many neighbours evaluated per image per step (default: all
             unevaluated neighbours of the chosen state, up to the budget left).
-        seed: makes ``random`` priorities and neighbour order deterministic.
+        seed: makes ``random`` priorities and neighbour order deterministic. Each image
+            draws from its own generator, so a search with a larger budget evaluates the
+            states of a smaller one first (in the same order): budgets are prefixes.
 
     Raises:
         StateError: a budget outside ``1..space_size``, an unknown criterion, or a missing ``score``.
@@ -99,24 +101,25 @@ def greedy_search(
             f"budget {budget} is outside 1..{space}: the search space of the {len(sites.searchable)} searchable "
             f"sites {list(sites.searchable)} holds {space} states. Lower the budget or search more sites."
         )
-    gen = torch.Generator().manual_seed(seed)
+    # One generator per image: an image's draws do not depend on the other images or on
+    # the budget, so the first b states of a budget-B search are the budget-b search.
+    gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(n_images)]
     L = len(sites.searchable)
     zero = (0,) * L
 
-    def promise(states: list[tuple[int, ...]], outputs: torch.Tensor | None) -> list[float]:
+    def promise(img: list[int], states: torch.Tensor, outputs: torch.Tensor) -> list[float]:
         if criterion == "random":
-            return torch.rand(len(states), generator=gen, dtype=torch.float64).tolist()
+            return [float(torch.rand((), generator=gens[i], dtype=torch.float64)) for i in img]
         if criterion == "displacement":
-            d = sites.displacement(torch.tensor(states, dtype=torch.long).reshape(len(states), L)).double()
-            return (-d.norm(dim=1)).tolist()
-        return score(outputs).double().tolist()
+            return (-sites.displacement(states).double().norm(dim=1)).tolist()
+        return score(outputs, states).double().tolist()
 
-    def order(cands: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    def order(i: int, cands: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
         if criterion == "displacement":
             d = sites.displacement(torch.tensor(cands, dtype=torch.long).reshape(len(cands), L)).double().norm(dim=1)
-            return [cands[i] for i in torch.argsort(d, stable=True).tolist()]
-        perm = torch.randperm(len(cands), generator=gen).tolist()
-        return [cands[i] for i in perm]
+            return [cands[j] for j in torch.argsort(d, stable=True).tolist()]
+        perm = torch.randperm(len(cands), generator=gens[i]).tolist()
+        return [cands[j] for j in perm]
 
     seen: list[dict[tuple[int, ...], int]] = [{zero: 0} for _ in range(n_images)]
     evaluated: list[list[tuple[int, ...]]] = [[zero] for _ in range(n_images)]
@@ -125,8 +128,9 @@ def greedy_search(
     exhausted: list[set[int]] = [set() for _ in range(n_images)]  # nodes whose neighbours are all evaluated
 
     def run(img: list[int], sts: list[tuple[int, ...]]) -> None:
-        o = evaluate(torch.tensor(img, dtype=torch.long), torch.tensor(sts, dtype=torch.long).reshape(len(sts), L))
-        p = promise(sts, o)
+        st = torch.tensor(sts, dtype=torch.long).reshape(len(sts), L)
+        o = evaluate(torch.tensor(img, dtype=torch.long), st)
+        p = promise(img, st, o)
         for r, (i, st) in enumerate(zip(img, sts)):
             outs[i].append(o[r])
             prom[i].append(p[r])
@@ -146,7 +150,7 @@ def greedy_search(
                 if not fresh:
                     exhausted[i].add(node)
                     continue
-                take = order(fresh)[: min(need, width or need)]
+                take = order(i, fresh)[: min(need, width or need)]
                 for st in take:
                     seen[i][st] = len(evaluated[i])
                     evaluated[i].append(st)

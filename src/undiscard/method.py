@@ -1,0 +1,329 @@
+"""The method for classification, end to end (SPEC §3): search, align, aggregate.
+
+:func:`wrap` turns a classifier into a drop-in ``nn.Module``: for each image it searches
+``budget`` offset states (greedy best-first, batched over the images), aligns each
+state's final feature map to the default grid (a sub-cell shift by ``+Delta / P``),
+aggregates the maps (``mean``, ``entropy`` weights, or a learned ``attention`` set
+operator) and applies the classifier's head to the result.
+
+    >>> model = undiscard.wrap(backbone, budget=8, criterion="entropy", aggregate="entropy")  # doctest: +SKIP
+    >>> logits = model(x)                                                                     # doctest: +SKIP
+
+``budget=1`` is the plain model: the wrapped module returns exactly ``backbone(x)``.
+
+The classifier must split into features and head: timm models do
+(``forward_features`` / ``forward_head``); for anything else pass
+``split=(features_fn, head_fn)`` with ``head_fn(features_fn(x)) == model(x)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from undiscard.aggregate import entropy, entropy_weights
+from undiscard.align import align_to_default
+from undiscard.engine import use_states
+from undiscard.errors import InputError, SiteMismatchError, StateError, UndiscardError
+from undiscard.search import CRITERIA, greedy_search
+from undiscard.sites import SiteMap, find_sites
+
+__all__ = ["AGGREGATES", "Details", "FeatureSplit", "Searched", "Undiscard", "split_classifier", "wrap"]
+
+AGGREGATES = ("mean", "entropy", "attention")
+
+
+# --------------------------------------------------------------------- feature / head split
+
+@dataclass
+class FeatureSplit:
+    """``head(features(x)) == model(x)``; ``layout`` of the features:
+
+    ``"NCHW"`` (CNNs, PVT), ``"NHWC"`` (Swin) or ``"tokens"`` (ViT: ``(N, T, C)``, no grid
+    to align). :meth:`to_positions` / :meth:`from_positions` convert to and from the
+    common ``(N, S, C)`` form the aggregators work on.
+    """
+
+    features: Callable[[torch.Tensor], torch.Tensor]
+    head: Callable[[torch.Tensor], torch.Tensor]
+    layout: str = "NCHW"
+
+    def to_positions(self, f: torch.Tensor) -> torch.Tensor:
+        if self.layout == "NCHW":
+            return f.flatten(2).transpose(1, 2)
+        if self.layout == "NHWC":
+            return f.flatten(1, 2)
+        return f
+
+    def channels(self, f: torch.Tensor) -> int:
+        return int(f.shape[1] if self.layout == "NCHW" else f.shape[-1])
+
+    def align(self, f: torch.Tensor, delta_px: torch.Tensor, stride_total: tuple[int, ...], fill: str) -> torch.Tensor:
+        """Shift each map by ``+delta_px / stride_total`` cells (no-op for tokens)."""
+        if self.layout == "tokens" or not bool(delta_px.any()):
+            return f
+        if self.layout == "NHWC":
+            return align_to_default(f.permute(0, 3, 1, 2), delta_px, stride_total, fill).permute(0, 2, 3, 1)
+        return align_to_default(f, delta_px, stride_total, fill)
+
+
+def split_classifier(model: nn.Module, split: tuple[Callable, Callable] | None = None) -> FeatureSplit:
+    """The features / head split of ``model`` (see the module docstring)."""
+    if split is not None:
+        features, head = split
+        return FeatureSplit(features, head, "NCHW")
+    if callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None)):
+        fmt = getattr(model, "output_fmt", None)
+        layout = "NHWC" if str(getattr(fmt, "value", fmt)) == "NHWC" else "NCHW"
+        if hasattr(model, "cls_token") or hasattr(model, "num_prefix_tokens"):
+            layout = "tokens"
+        return FeatureSplit(model.forward_features, model.forward_head, layout)
+    raise UndiscardError(
+        f"cannot split {type(model).__name__} into features and head: it has no forward_features/forward_head "
+        "(timm models do). Pass split=(features_fn, head_fn) with head_fn(features_fn(x)) == model(x)."
+    )
+
+
+# --------------------------------------------------------------------- search output
+
+@dataclass
+class Searched:
+    """What the search found for a batch, in evaluation order (``states[:, 0]`` is the default).
+
+    Attributes:
+        states: ``(N, B, L)`` flat offset indices.
+        features: ``(N, B, S, C)`` the states' final maps as positions, aligned if ``aligned``.
+        logits: ``(N, B, K)`` each state's own prediction.
+        delta: ``(N, B, D)`` displacement in input pixels.
+        cells: ``(N, B, D)`` displacement in final-map cells (``delta / P``).
+        aligned: whether ``features`` were aligned.
+    """
+
+    states: torch.Tensor
+    features: torch.Tensor
+    logits: torch.Tensor
+    delta: torch.Tensor
+    cells: torch.Tensor
+    aligned: bool
+    layout: str
+    grid: tuple[int, ...]
+
+
+@dataclass
+class Details:
+    """Returned with the logits when ``return_details=True``.
+
+    ``states`` ``(N, B, L)`` the evaluated states (flat offset indices, default first),
+    ``weights`` ``(N, B)`` their aggregation weights, ``delta`` ``(N, B, D)`` their
+    displacement in pixels, ``sites`` the :class:`SiteMap` searched.
+    """
+
+    states: torch.Tensor
+    weights: torch.Tensor
+    delta: torch.Tensor
+    sites: SiteMap
+
+
+# --------------------------------------------------------------------- the module
+
+class Undiscard(nn.Module):
+    """A classifier that aggregates ``budget`` searched offset states (see :func:`wrap`)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        budget: int = 8,
+        criterion: str = "entropy",
+        aggregate: str = "entropy",
+        *,
+        aggregator: Any = None,
+        searchable: Any = "inner",
+        align: bool = True,
+        fill: str = "zeros",
+        width: int | None = None,
+        max_batch: int = 512,
+        seed: int = 0,
+        split: tuple[Callable, Callable] | None = None,
+        return_details: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+            raise StateError(f"budget must be a positive integer (1 = the plain model); got {budget!r}")
+        if criterion not in CRITERIA:
+            raise StateError(f"criterion must be one of {CRITERIA}; got {criterion!r}")
+        if aggregate not in AGGREGATES:
+            raise StateError(f"aggregate must be one of {AGGREGATES}; got {aggregate!r}")
+        if max_batch < 1:
+            raise StateError(f"max_batch must be positive; got {max_batch}")
+        if isinstance(aggregator, (str, bytes)) or hasattr(aggregator, "__fspath__"):
+            from undiscard.aggregator import load_aggregator
+
+            aggregator = load_aggregator(aggregator, model)
+        if (aggregate == "attention" or criterion == "learned") and aggregator is None:
+            what = "aggregate='attention'" if aggregate == "attention" else "criterion='learned'"
+            raise UndiscardError(
+                f"{what} needs a trained aggregator: pass aggregator=PATH (from `undiscard train-aggregator`) "
+                "or an AttentionAggregator"
+            )
+        self.model = model
+        self.split = split_classifier(model, split)
+        self.budget, self.criterion, self.aggregate = budget, criterion, aggregate
+        self.aggregator = aggregator
+        self.searchable, self.align, self.fill = searchable, bool(align), fill
+        self.width, self.max_batch, self.seed = width, int(max_batch), seed
+        self.return_details = return_details
+        self._sites: dict[tuple, SiteMap] = {}
+        if aggregator is not None:
+            aggregator.check_align(self.align)
+
+    def sites_for(self, x: torch.Tensor) -> SiteMap:
+        """The sites of the model at ``x``'s size (found once per input size)."""
+        if not isinstance(x, torch.Tensor) or x.dim() < 3:
+            raise InputError(f"expected a batched image tensor (N, C, H, W); got {getattr(x, 'shape', type(x))}")
+        key = tuple(x.shape[1:])
+        if key not in self._sites:
+            sites = find_sites(self.model, x[:1], searchable=self.searchable)
+            if self.aggregator is not None:
+                from undiscard.aggregator import sites_signature
+
+                want = getattr(self.aggregator, "meta", {}).get("undiscard.sites")
+                if want is not None and want != sites_signature(sites):
+                    raise SiteMismatchError(
+                        f"the aggregator was trained with searchable sites {want}, but at input size {list(key)} "
+                        f"they are {sites_signature(sites)}: use the input size and searchable sites it was trained with"
+                    )
+            self._sites[key] = sites
+        return self._sites[key]
+
+    # -- search ------------------------------------------------------------
+    @torch.no_grad()
+    def search(self, x: torch.Tensor, budget: int | None = None, criterion: str | None = None) -> Searched:
+        """Search ``budget`` states per image of ``x``; return their maps and predictions."""
+        budget = self.budget if budget is None else budget
+        criterion = self.criterion if criterion is None else criterion
+        sites = self.sites_for(x)
+        stride = sites.stride_total
+        sp = self.split
+        dims = len(stride)
+
+        def features(img: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+            outs = []
+            for s in range(0, img.numel(), self.max_batch):
+                i, st = img[s : s + self.max_batch], states[s : s + self.max_batch]
+                with use_states(self.model, sites, st):
+                    f = sp.features(x[i])
+                if not grid:
+                    grid.append(tuple(f.shape[2:]) if sp.layout == "NCHW" else tuple(f.shape[1:-1]))
+                if self.align:
+                    f = sp.align(f, sites.displacement(st), stride, self.fill)
+                outs.append(sp.to_positions(f))
+            return torch.cat(outs)
+
+        grid: list[tuple[int, ...]] = []
+
+        def head_of_positions(f: torch.Tensor) -> torch.Tensor:
+            return sp.head(self._from_positions(f, grid[0]))
+
+        def score(f: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+            if criterion == "learned":
+                cells = sites.displacement(states).double() / torch.tensor(stride, dtype=torch.float64)
+                return self.aggregator.state_logits(f, cells.to(f.dtype))
+            return -entropy(head_of_positions(f))
+
+        res = greedy_search(
+            features, x.shape[0], sites, budget, criterion, score=score, width=self.width, seed=self.seed
+        )
+        n, b = res.states.shape[:2]
+        flat = res.outputs.flatten(0, 1)
+        logits = head_of_positions(flat).reshape(n, b, -1)
+        delta = sites.displacement(res.states.reshape(n * b, -1)).reshape(n, b, dims)
+        cells = delta.double() / torch.tensor(stride, dtype=torch.float64)
+        return Searched(res.states, res.outputs, logits, delta, cells.to(flat.dtype), self.align, sp.layout, grid[0])
+
+    def _from_positions(self, f: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        lay = self.split.layout
+        if lay == "NCHW":
+            return f.transpose(1, 2).reshape(f.shape[0], f.shape[2], *grid)
+        if lay == "NHWC":
+            return f.reshape(f.shape[0], *grid, f.shape[2])
+        return f
+
+    # -- aggregation -------------------------------------------------------
+    def combine(self, found: Searched, budget: int | None = None, aggregate: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Aggregate the first ``budget`` searched states: ``(logits (N, K), weights (N, B))``."""
+        aggregate = self.aggregate if aggregate is None else aggregate
+        b = found.states.shape[1] if budget is None else budget
+        feats, logits, cells = found.features[:, :b], found.logits[:, :b], found.cells[:, :b]
+        if b == 1:
+            return logits[:, 0], torch.ones(logits.shape[0], 1, dtype=logits.dtype)
+        if aggregate == "attention":
+            if self.aggregator is None:
+                raise UndiscardError("aggregate='attention' needs a trained aggregator")
+            agg, w = self.aggregator(feats, cells)
+        else:
+            if aggregate == "mean":
+                w = torch.full(logits.shape[:2], 1.0 / b, dtype=feats.dtype)
+            elif aggregate == "entropy":
+                w = entropy_weights(logits).to(feats.dtype)
+            else:
+                raise StateError(f"aggregate must be one of {AGGREGATES}; got {aggregate!r}")
+            agg = (feats * w[..., None, None]).sum(1)
+        return self.split.head(self._from_positions(agg, found.grid)), w
+
+    def forward(self, x: torch.Tensor) -> Any:
+        if self.budget == 1:
+            out = self.model(x)
+            if not self.return_details:
+                return out
+            sites = self.sites_for(x)
+            n = x.shape[0]
+            return out, Details(sites.zero_state(n)[:, None], torch.ones(n, 1), torch.zeros(n, 1, len(sites.stride_total), dtype=torch.long), sites)
+        found = self.search(x)
+        logits, w = self.combine(found)
+        if self.return_details:
+            return logits, Details(found.states, w, found.delta, self.sites_for(x))
+        return logits
+
+
+def wrap(
+    model: nn.Module,
+    budget: int = 8,
+    criterion: str = "entropy",
+    aggregate: str = "entropy",
+    **kwargs: Any,
+) -> Undiscard:
+    """Wrap a classifier so that it aggregates ``budget`` searched offset states per image.
+
+    Args:
+        model: a classifier in eval mode (timm, or any model with ``split=``).
+        budget: states evaluated per image, the default included (1 = the plain model).
+        criterion: search order: ``entropy`` (learning-free), ``learned`` (needs
+            ``aggregator``), ``random``, ``displacement``.
+        aggregate: ``mean``, ``entropy`` or ``attention`` (needs ``aggregator``).
+        **kwargs: ``aggregator`` (path or module), ``searchable`` (``"inner"`` default:
+            every main site but the first and last; ``"main"``, ``"all"`` or indices),
+            ``align`` (True), ``fill`` (``"zeros"``: the border fill of the sub-cell
+            shift), ``width`` (neighbours per step, default all), ``max_batch`` (states
+            per forward), ``seed``, ``split``, ``return_details`` (return
+            ``(logits, Details)``).
+
+    Returns:
+        An :class:`Undiscard` module; call it like ``model``.
+    """
+    return Undiscard(model, budget, criterion, aggregate, **kwargs)
+
+
+def budgets_from(text: str | Sequence[int]) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]`` (sorted, unique, positive)."""
+    vals = text if not isinstance(text, str) else [v for v in text.split(",") if v.strip()]
+    try:
+        out = sorted({int(v) for v in vals})
+    except ValueError:
+        raise StateError(f"budgets must be positive integers like 1,2,4,8; got {text!r}") from None
+    if not out or out[0] < 1:
+        raise StateError(f"budgets must be positive integers like 1,2,4,8; got {text!r}")
+    return out
