@@ -100,6 +100,58 @@ def cmd_train_backbone(args) -> int:
     return 0
 
 
+def _csv(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def cmd_eval(args) -> int:
+    from undiscard.evaluate import EvalConfig, format_table, plot, run_eval
+    from undiscard.method import AGGREGATES, budgets_from
+    from undiscard.search import CRITERIA
+
+    criteria, aggregates = _csv(args.criterion), _csv(args.aggregate)
+    for c in criteria:
+        if c not in CRITERIA:
+            raise UndiscardError(f"--criterion takes {', '.join(CRITERIA)} (comma-separated); got {c!r}")
+    for a in aggregates:
+        if a not in AGGREGATES:
+            raise UndiscardError(f"--aggregate takes {', '.join(AGGREGATES)} (comma-separated); got {a!r}")
+    if args.limit is not None and args.limit < 1:
+        raise UndiscardError(f"--limit must be positive; got {args.limit}")
+    if args.batch_size < 1:
+        raise UndiscardError(f"--batch-size must be positive; got {args.batch_size}")
+    cfg = EvalConfig(
+        model=args.model, data=args.data, budgets=budgets_from(args.budget), criteria=criteria, aggregates=aggregates,
+        aggregator=args.aggregator, searchable=_parse_searchable(args.searchable), align=not args.no_align,
+        limit=args.limit, start=args.start, batch_size=args.batch_size, seed=args.seed,
+        timing_images=args.timing_images, repeats=args.repeats, single_states=args.single_states, threads=args.threads,
+    )
+    result = run_eval(cfg, args.json, log=lambda m: print(m, file=sys.stderr))
+    print(format_table(result))
+    if args.json:
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        print(f"wrote {plot(result, args.plot)}", file=sys.stderr)
+    return 0
+
+
+def cmd_train_aggregator(args) -> int:
+    from undiscard.aggregator import train_aggregator
+    from undiscard.evaluate import load_data
+    from undiscard.method import wrap
+    from undiscard.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model)
+    x, y, _ = load_data(args.data, loaded.input_size, args.images, args.start)
+    w = wrap(loaded.model, budget=1, searchable=_parse_searchable(args.searchable), align=not args.no_align)
+    train_aggregator(w, x, y, args.out, states_per_image=args.states, epochs=args.epochs, batch_size=args.batch_size,
+                     lr=args.lr, dim=args.dim, heads=args.heads, seed=args.seed, backbone_name=loaded.spec,
+                     log=lambda m: print(m, file=sys.stderr))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="undiscard", description="Recover the activations that subsampling layers discard.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -124,6 +176,45 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(sp)
     sp.add_argument("--batch", type=int, default=4, help="batch size for the per-sample check (default 4)")
     sp.set_defaults(func=cmd_check)
+
+    sp = sub.add_parser("eval", help="accuracy, NLL, ECE and cost of the method vs the plain model")
+    sp.add_argument("model", help="a checkpoint (.safetensors from train-backbone) or timm:NAME")
+    sp.add_argument("--data", default="fashion-mnist", help="fashion-mnist[:train|val|test] (default test) or an image folder")
+    sp.add_argument("--budget", default="1,2,4,8,16", help="budgets B, comma-separated (default 1,2,4,8,16)")
+    sp.add_argument("--criterion", default="entropy", help="search criteria, comma-separated: entropy,learned,random,displacement")
+    sp.add_argument("--aggregate", default="mean,entropy", help="aggregations, comma-separated: mean,entropy,attention")
+    sp.add_argument("--aggregator", default=None, help="trained aggregator (.safetensors) for attention / learned")
+    sp.add_argument("--searchable", default="inner", help="searchable sites: inner (default), main, all, or 1,2,3")
+    sp.add_argument("--no-align", action="store_true", help="aggregate unaligned maps (ablation)")
+    sp.add_argument("--limit", type=int, default=None, help="evaluate this many images (default all)")
+    sp.add_argument("--start", type=int, default=0, help="first image index (default 0)")
+    sp.add_argument("--batch-size", type=int, default=128)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--timing-images", type=int, default=32, help="images the cost is measured on (default 32)")
+    sp.add_argument("--repeats", type=int, default=3, help="timing repeats, the median is reported (default 3)")
+    sp.add_argument("--single-states", action="store_true", help="also the accuracy of every one-site state")
+    sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    sp.add_argument("--json", default=None, help="write results here (resumes from OUT.partial.pt if present)")
+    sp.add_argument("--plot", default=None, help="write a PNG of accuracy and cost vs budget")
+    sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("train-aggregator", help="train the attention aggregator on a frozen backbone")
+    sp.add_argument("model", help="the backbone: a checkpoint or timm:NAME")
+    sp.add_argument("--out", required=True, help="output .safetensors path")
+    sp.add_argument("--data", default="fashion-mnist:train", help="training data (default fashion-mnist:train)")
+    sp.add_argument("--images", type=int, default=4000, help="training images (default 4000)")
+    sp.add_argument("--start", type=int, default=0)
+    sp.add_argument("--states", type=int, default=16, help="states cached per image; budgets drawn from 1..this")
+    sp.add_argument("--epochs", type=int, default=10)
+    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--lr", type=float, default=1e-3)
+    sp.add_argument("--dim", type=int, default=128)
+    sp.add_argument("--heads", type=int, default=4)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--searchable", default="inner")
+    sp.add_argument("--no-align", action="store_true", help="train on unaligned maps (ablation)")
+    sp.add_argument("--threads", type=int, default=0)
+    sp.set_defaults(func=cmd_train_aggregator)
 
     sp = sub.add_parser("train-backbone", help="train a zoo backbone on Fashion-MNIST (seeded, resumable)")
     sp.add_argument("arch", help="timm:NAME or torchvision:NAME")
@@ -151,6 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UndiscardError as e:
         print(f"undiscard: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nundiscard: interrupted; what was finished is saved: run the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,164 @@
+"""Render results/*.json into the README's results section (between the markers).
+
+    python scripts/render_results.py          # rewrite README.md in place
+    python scripts/render_results.py --print  # print the section instead
+
+Every number in the section comes from a JSON file that `scripts/results.sh` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RES = ROOT / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+MODELS = [("resnet18", "timm resnet18"), ("mobilenetv2_100", "timm mobilenetv2_100"), ("pvt_v2_b0", "timm pvt_v2_b0")]
+
+
+def load(name: str) -> dict | None:
+    p = RES / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def row(res: dict, criterion: str, aggregate: str, budget: int) -> dict | None:
+    for r in res["rows"]:
+        if r["criterion"] == criterion and r["aggregate"] == aggregate and r["budget"] == budget:
+            return r
+    return None
+
+
+def f2(v: float | None, sign: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{v:+.2f}" if sign else f"{v:.2f}"
+
+
+def model_table(res: dict) -> list[str]:
+    p = res["plain"]
+    aggs = [a for a in ("mean", "entropy", "attention") if row(res, "entropy", a, 1)]
+    head = "| B | " + " | ".join(f"top-1 {a}" for a in aggs) + " | best single | NLL (entropy) | ECE % (entropy) | ms/img | x plain |"
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    out.append(f"| plain | " + " | ".join(f2(p["top1"]) for _ in aggs) + f" | {f2(p['top1'])} | {p['nll']:.4f} | "
+               f"{f2(p['ece'])} | {f2(p['ms_per_image'])} | 1.00 |")
+    budgets = sorted({r["budget"] for r in res["rows"]})
+    for b in budgets:
+        if b == 1:
+            continue
+        cells = []
+        for a in aggs:
+            r = row(res, "entropy", a, b)
+            cells.append(f"{f2(r['top1'])} ({f2(r['top1'] - p['top1'], True)})")
+        best = row(res, "entropy", "best-single", b)
+        e = row(res, "entropy", "entropy", b)
+        out.append(f"| {b} | " + " | ".join(cells) + f" | {f2(best['top1'])} | {e['nll']:.4f} | {f2(e['ece'])} | "
+                   f"{f2(e['ms_per_image'])} | {f2(e['time_ratio'])} |")
+    return out
+
+
+def single_table(models: list[tuple[str, str]]) -> list[str]:
+    out = ["| model | site | searchable | offsets | top-1 mean | min | max | plain |", "|---|---|---|---|---|---|---|---|"]
+    for key, label in models:
+        res = load(f"{key}_single")
+        if res is None:
+            continue
+        by: dict[int, list[dict]] = {}
+        for s in res["single_states"]:
+            by.setdefault(s["site"], []).append(s)
+        for site, ss in sorted(by.items()):
+            acc = [s["top1"] for s in ss]
+            out.append(f"| {label} | {site} `{ss[0]['site_name']}` | {'yes' if ss[0]['searchable'] else 'no'} | {len(ss)} | "
+                       f"{sum(acc) / len(acc):.2f} | {min(acc):.2f} | {max(acc):.2f} | {res['plain']['top1']:.2f} |")
+    return out
+
+
+def ablation(abl: str) -> list[str]:
+    crit, noal, alls = load("ablation_criteria"), load("ablation_noalign"), load("ablation_all_sites")
+    out: list[str] = []
+    if crit is None:
+        return out
+    n = crit["images"]
+    p = crit["plain"]
+    out.append(f"On {abl}, the first {n} Fashion-MNIST test images (plain top-1 {p['top1']:.2f}, "
+               f"{p['ms_per_image']:.2f} ms/img). Top-1 %, entropy criterion unless the row says otherwise.")
+    out.append("")
+    out.append("| ablation | variant | B=4 | B=8 | B=16 | x plain at B=8 |")
+    out.append("|---|---|---|---|---|---|")
+
+    def line(group: str, name: str, res: dict, c: str, a: str) -> None:
+        cells = [f2(row(res, c, a, b)["top1"]) if row(res, c, a, b) else "-" for b in (4, 8, 16)]
+        r8 = row(res, c, a, 8)
+        out.append(f"| {group} | {name} | " + " | ".join(cells) + f" | {f2(r8['time_ratio']) if r8 else '-'} |")
+
+    line("aggregation", "mean", crit, "entropy", "mean")
+    line("aggregation", "entropy", crit, "entropy", "entropy")
+    if noal is not None:
+        line("aggregation", "attention w/o alignment", noal, "entropy", "attention")
+    line("aggregation", "attention with alignment", crit, "entropy", "attention")
+    for c in ("random", "displacement", "entropy", "learned"):
+        line("criterion (attention)", c, crit, c, "attention")
+    line("search space (entropy agg.)", f"sites {crit['sites']['searchable']} (inner)", crit, "entropy", "entropy")
+    if alls is not None:
+        line("search space (entropy agg.)", f"all sites {alls['sites']['searchable']}", alls, "entropy", "entropy")
+    if noal is not None:
+        out.append("")
+        out.append(f"Mean / entropy aggregation of unaligned maps (same slice): B=8 mean "
+                   f"{f2(row(noal, 'entropy', 'mean', 8)['top1'])}, entropy {f2(row(noal, 'entropy', 'entropy', 8)['top1'])}.")
+    return out
+
+
+def render() -> str:
+    lines = [START, ""]
+    lines.append("Generated by `bash scripts/results.sh` (CPU, about an hour) from `results/*.json`; "
+                 "do not edit by hand. Backbones from `scripts/train_zoo.sh` (1 epoch each on 2 CPU cores, "
+                 "128x128 input, final map 4x4); aggregators from `undiscard train-aggregator` (3000 training images).")
+    lines.append("")
+    for key, label in MODELS:
+        res = load(key)
+        if res is None:
+            continue
+        lines.append(f"**{label}** on the Fashion-MNIST test split ({res['images']} images), entropy criterion, "
+                     f"searchable sites {res['sites']['searchable']} ({res['sites']['space_size']} states). "
+                     f"Top-1 % (gain over plain); `best single`: the lowest-entropy state among the B. "
+                     f"Cost measured on {res['timing']['images']} images, {res['timing']['threads']} threads, median of "
+                     f"{res['config']['repeats']}; plot `results/{key}.png`.")
+        lines.append("")
+        lines += model_table(res)
+        lines.append("")
+    st = single_table(MODELS)
+    if len(st) > 2:
+        lines.append("**Single states** (one site moved off offset 0, the rest default; first "
+                     f"{(load(MODELS[0][0] + '_single') or {}).get('images', '?')} test images): accuracy over that site's non-zero offsets.")
+        lines.append("")
+        lines += st
+        lines.append("")
+    ab = ablation("timm resnet18")
+    if ab:
+        lines.append("**Ablations** (the paper's Table on one model).")
+        lines.append("")
+        lines += ab
+        lines.append("")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def main() -> int:
+    text = render()
+    if "--print" in sys.argv:
+        print(text)
+        return 0
+    readme = ROOT / "README.md"
+    body = readme.read_text()
+    if START not in body or END not in body:
+        raise SystemExit(f"README.md has no {START} ... {END} section")
+    pre, rest = body.split(START, 1)
+    _, post = rest.split(END, 1)
+    readme.write_text(pre + text + post)
+    print(f"updated {readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
