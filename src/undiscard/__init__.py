@@ -8,8 +8,10 @@ Activations at Test-Time", ECCV 2024, arXiv 2410.01083).
 
     >>> sites = undiscard.find_sites(model, x[:1])          # doctest: +SKIP
     >>> y = undiscard.run_states(model, x, states, sites)     # doctest: +SKIP
+    >>> better = undiscard.wrap(model, budget=8)               # doctest: +SKIP
 """
 
+from undiscard.aggregator import AttentionAggregator, load_aggregator
 from undiscard.engine import run_states, use_states
 from undiscard.errors import (
     InputError,
@@ -19,6 +21,7 @@ from undiscard.errors import (
     UndiscardError,
     UnknownModelError,
 )
+from undiscard.method import Undiscard, wrap
 from undiscard.sites import Site, SiteMap, SiteOp, find_sites
 
 __version__ = "0.1.0"
@@ -27,6 +30,10 @@ __all__ = [
     "find_sites",
     "run_states",
     "use_states",
+    "wrap",
+    "Undiscard",
+    "AttentionAggregator",
+    "load_aggregator",
     "Site",
     "SiteMap",
     "SiteOp",
