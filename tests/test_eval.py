@@ -45,6 +45,8 @@ def test_eval_on_the_shipped_model_on_a_slice(tmp_path, capsys):
         if r["aggregate"] != "best-single":
             assert r["time_ratio"] > 0
     assert not out.with_suffix(".partial.pt").exists()
+    if SHIPPED_AGG.exists():  # the control row: the aggregator on the default state alone
+        assert any(r["aggregate"] == "attention-default-only" for r in res["rows"])
 
 
 def test_interrupted_eval_resumes_to_the_same_numbers(tmp_path, monkeypatch):

@@ -211,6 +211,11 @@ def run_eval(cfg: EvalConfig, out_json: str | os.PathLike | None = None, log=pri
                     for a in cfg.aggregates:
                         logits, _ = w.combine(found, b, a)
                         acc(f"{c}|{a}|{b}").add(logits, yb)
+                    if b == 1 and "attention" in cfg.aggregates:
+                        # control: the trained aggregator on the default state alone. What it
+                        # gains here is a learned correction of the features, not recovered states.
+                        a1, _ = w.aggregator(found.features[:, :1], found.cells[:, :1])
+                        acc(f"{c}|attention-default-only|1").add(w.split.head(w._from_positions(a1, found.grid)), yb)
                     acc(f"{c}|best-single|{b}").add(found.logits[:, :b].gather(
                         1, (-_entropy(found.logits[:, :b])).argmax(1)[:, None, None].expand(-1, 1, found.logits.shape[-1])
                     ).squeeze(1), yb)
@@ -247,8 +252,10 @@ def run_eval(cfg: EvalConfig, out_json: str | os.PathLike | None = None, log=pri
     plain.update(ms_per_image=1000 * t_plain / nt, time_ratio=1.0)
     rows = []
     for c in cfg.criteria:
-        for a in cfg.aggregates + ["best-single"]:
+        for a in cfg.aggregates + ["best-single", "attention-default-only"]:
             for b in cfg.budgets:
+                if f"{c}|{a}|{b}" not in accs:
+                    continue
                 r = accs[f"{c}|{a}|{b}"].summary()
                 t = timing.get(f"{c}|{a}|{b}")
                 r.update(criterion=c, aggregate=a, budget=b,
