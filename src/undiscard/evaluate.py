@@ -45,7 +45,7 @@ class EvalConfig:
     limit: int | None = None
     start: int = 0
     batch_size: int = 128
-    max_batch: int = 512
+    max_batch: int = 64
     seed: int = 0
     timing_images: int = 32
     repeats: int = 3

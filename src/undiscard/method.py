@@ -145,7 +145,7 @@ class Undiscard(nn.Module):
         align: bool = True,
         fill: str = "zeros",
         width: int | None = None,
-        max_batch: int = 512,
+        max_batch: int = 64,
         seed: int = 0,
         split: tuple[Callable, Callable] | None = None,
         return_details: bool = False,
