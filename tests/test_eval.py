@@ -125,3 +125,24 @@ def test_train_aggregator_writes_a_checkpoint_the_wrapper_uses(tmp_path):
 def test_train_aggregator_refuses_a_missing_backbone(capsys):
     assert main(["train-aggregator", "zoo/nope.safetensors", "--out", "x.safetensors"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_eval_on_an_image_folder_streams_batches(tmp_path):
+    from PIL import Image
+
+    from undiscard.models import save_checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    for c in ("cat", "dog"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(3):
+            arr = (torch.rand(40, 40, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr, mode="L").save(tmp_path / "data" / c / f"{i}.png")
+    model = cached("timm", "resnet18", (("num_classes", 2), ("in_chans", 1)))
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(model, path, arch="timm:resnet18", num_classes=2, in_chans=1, input_size=(1, 64, 64))
+    cfg = EvalConfig(model=str(path), data=str(tmp_path / "data"), limit=5, batch_size=2, budgets=[1, 2],
+                     timing_images=2, repeats=1)
+    res = run_eval(cfg, None, log=lambda m: None)
+    assert res["images"] == 5 and res["data"] == str(tmp_path / "data")
+    assert res["plain"]["n"] == 5

@@ -145,6 +145,7 @@ def cmd_train_aggregator(args) -> int:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model)
     x, y, _ = load_data(args.data, loaded.input_size, args.images, args.start)
+    x = x if isinstance(x, torch.Tensor) else x[:]  # a folder: decode the training subset once
     w = wrap(loaded.model, budget=1, searchable=_parse_searchable(args.searchable), align=not args.no_align)
     train_aggregator(w, x, y, args.out, states_per_image=args.states, epochs=args.epochs, batch_size=args.batch_size,
                      lr=args.lr, dim=args.dim, heads=args.heads, seed=args.seed, backbone_name=loaded.spec,

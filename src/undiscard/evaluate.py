@@ -132,11 +132,30 @@ def load_data(spec: str, input_size: tuple[int, int, int], limit: int | None, st
         return x[start:end], y[start:end], f"fashion-mnist:{split}"
     path = Path(spec).expanduser()
     if path.is_dir():
-        ds = image_folder(path, input_size=input_size)
-        idx = range(start, len(ds) if limit is None else min(len(ds), start + limit))
-        items = [ds[i] for i in idx]
-        return torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items]), str(path)
+        if input_size[0] == 1:  # grayscale models here are the Fashion-MNIST zoo: its normalisation
+            from undiscard.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+
+            ds = image_folder(path, input_size=input_size, mean=(FASHION_MNIST_MEAN,), std=(FASHION_MNIST_STD,))
+        else:  # ImageNet mean / std, timm's eval transform
+            ds = image_folder(path, input_size=input_size)
+        stop = len(ds) if limit is None else min(len(ds), start + limit)
+        idx = list(range(start, stop))
+        y = torch.tensor([ds.targets[i] for i in idx], dtype=torch.long)
+        return _LazyImages(ds, idx, input_size), y, str(path)
     raise UndiscardError(f"--data takes fashion-mnist[:train|val|test] or an image folder; got {spec!r}")
+
+
+class _LazyImages:
+    """Images of a folder dataset, decoded a slice at a time (ImageNet val does not fit in memory)."""
+
+    def __init__(self, ds, indices: list[int], input_size: tuple[int, int, int]) -> None:
+        self.ds, self.indices = ds, indices
+        self.shape = (len(indices), *input_size)
+
+    def __getitem__(self, sl: slice) -> torch.Tensor:
+        if not isinstance(sl, slice):
+            raise TypeError("index with a slice")
+        return torch.stack([self.ds[i][0] for i in self.indices[sl]])
 
 
 def _median_time(fn, repeats: int) -> float:
