@@ -97,14 +97,14 @@ def test_learned_criterion_orders_by_the_aggregator_score(model, x):
     agg = AttentionAggregator(found.features.shape[-1], dim=32, heads=4)
     torch.nn.init.normal_(agg.score[-1].weight, std=1.0)
     # budget 14: the 9 neighbours of the default, then 4 around the most promising one
-    w = wrap(model, budget=14, criterion="learned", aggregate="attention", aggregator=agg)
+    w = wrap(model, budget=14, criterion="learned", aggregate="attention", aggregator=agg, width=None)
     res = w.search(x)
     s = agg.state_logits(res.features.flatten(0, 1), res.cells.flatten(0, 1)).reshape(5, 14)
     best = s[:, 1:10].argmax(1) + 1  # the default is exhausted: all its neighbours are in
     for i in range(5):  # the second step expanded the best-scored state of the first
         diff = (res.states[i, 10:] != res.states[i, best[i]]).sum(1)
         assert bool((diff == 1).all())
-    ent = wrap(model, budget=14, criterion="entropy").search(x)
+    ent = wrap(model, budget=14, criterion="entropy", width=None).search(x)
     assert not torch.equal(res.states, ent.states)
 
 
@@ -177,3 +177,19 @@ def test_other_layouts(name, kw, layout):
         out = w(x)
         assert out.shape == (2, 3) and torch.isfinite(out).all()
         assert torch.equal(wrap(m, budget=1)(x), m(x))
+
+
+def test_with_width_one_the_criterion_picks_from_the_second_state_on(model, x):
+    a = wrap(model, budget=4, criterion="entropy").search(x).states
+    b = wrap(model, budget=4, criterion="random").search(x).states
+    c = wrap(model, budget=4, criterion="displacement").search(x).states
+    assert not torch.equal(a, b) and not torch.equal(a, c)
+    # entropy: each new state neighbours the lowest-entropy state evaluated before it
+    found = wrap(model, budget=4, criterion="entropy").search(x)
+    from undiscard.aggregate import entropy as H
+
+    h = H(found.logits)
+    for i in range(x.shape[0]):
+        for t in range(1, 4):
+            best = int(torch.argmin(h[i, :t]))
+            assert int((found.states[i, t] != found.states[i, best]).sum()) == 1

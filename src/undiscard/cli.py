@@ -118,12 +118,14 @@ def cmd_eval(args) -> int:
             raise UndiscardError(f"--aggregate takes {', '.join(AGGREGATES)} (comma-separated); got {a!r}")
     if args.limit is not None and args.limit < 1:
         raise UndiscardError(f"--limit must be positive; got {args.limit}")
+    if args.width < 0:
+        raise UndiscardError(f"--width must be >= 0 (0 = all neighbours); got {args.width}")
     if args.batch_size < 1 or args.max_batch < 1:
         raise UndiscardError(f"--batch-size and --max-batch must be positive; got {args.batch_size}, {args.max_batch}")
     cfg = EvalConfig(
         model=args.model, data=args.data, budgets=budgets_from(args.budget), criteria=criteria, aggregates=aggregates,
         aggregator=args.aggregator, searchable=_parse_searchable(args.searchable), align=not args.no_align,
-        limit=args.limit, start=args.start, batch_size=args.batch_size, max_batch=args.max_batch, seed=args.seed,
+        limit=args.limit, start=args.start, batch_size=args.batch_size, max_batch=args.max_batch, width=args.width or None, seed=args.seed,
         timing_images=args.timing_images, repeats=args.repeats, single_states=args.single_states, threads=args.threads,
     )
     result = run_eval(cfg, args.json, log=lambda m: print(m, file=sys.stderr))
@@ -192,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=128)
     sp.add_argument("--max-batch", type=int, default=64,
                     help="at most this many image-states per forward (default 64; larger batches are slower per image on CPU)")
+    sp.add_argument("--width", type=int, default=1,
+                    help="states evaluated per image per search step (default 1: the criterion picks each; 0: all neighbours)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--timing-images", type=int, default=32, help="images the cost is measured on (default 32)")
     sp.add_argument("--repeats", type=int, default=3, help="timing repeats, the median is reported (default 3)")

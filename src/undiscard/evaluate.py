@@ -46,6 +46,7 @@ class EvalConfig:
     start: int = 0
     batch_size: int = 128
     max_batch: int = 64
+    width: int | None = 1
     seed: int = 0
     timing_images: int = 32
     repeats: int = 3
@@ -185,7 +186,7 @@ def run_eval(cfg: EvalConfig, out_json: str | os.PathLike | None = None, log=pri
     needs_agg = "attention" in cfg.aggregates or "learned" in cfg.criteria
     if needs_agg and not cfg.aggregator:
         raise UndiscardError("aggregate 'attention' and criterion 'learned' need --aggregator PATH (undiscard train-aggregator)")
-    common = dict(searchable=cfg.searchable, align=cfg.align, fill=cfg.fill, max_batch=cfg.max_batch, seed=cfg.seed,
+    common = dict(searchable=cfg.searchable, align=cfg.align, fill=cfg.fill, max_batch=cfg.max_batch, seed=cfg.seed, width=cfg.width,
                   aggregator=cfg.aggregator if needs_agg else None)
     probe = wrap(model, budget=1, **common)
     sites = probe.sites_for(x[:1])

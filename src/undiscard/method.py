@@ -144,7 +144,7 @@ class Undiscard(nn.Module):
         searchable: Any = "inner",
         align: bool = True,
         fill: str = "zeros",
-        width: int | None = None,
+        width: int | None = 1,
         max_batch: int = 64,
         seed: int = 0,
         split: tuple[Callable, Callable] | None = None,
@@ -307,7 +307,10 @@ def wrap(
         **kwargs: ``aggregator`` (path or module), ``searchable`` (``"inner"`` default:
             every main site but the first and last; ``"main"``, ``"all"`` or indices),
             ``align`` (True), ``fill`` (``"zeros"``: the border fill of the sub-cell
-            shift), ``width`` (neighbours per step, default all), ``max_batch`` (states
+            shift), ``width`` (states evaluated per image per
+            step, default 1: the criterion picks every state; ``None``: all neighbours of
+            the chosen state at once, fewer steps but the criterion only acts once the
+            first state's neighbours are used up), ``max_batch`` (states
             per forward), ``seed``, ``split``, ``return_details`` (return
             ``(logits, Details)``).
 
