@@ -1,0 +1,98 @@
+"""Shared-prefix (trie) evaluation equals one forward per state; crossing tensors fall back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import undiscard
+from conftest import cached
+from undiscard.trie import build_trie, run_trie
+
+MODELS = [
+    ("timm", "resnet18", (("num_classes", 5),), (3, 64, 64)),
+    ("timm", "mobilenetv2_100", (("num_classes", 5),), (3, 64, 64)),
+    ("timm", "pvt_v2_b0", (("num_classes", 5),), (3, 64, 64)),
+    ("timm", "swin_tiny_patch4_window7_224", (("img_size", 64), ("window_size", 2), ("num_classes", 5)), (3, 64, 64)),
+    ("torchvision", "inception_v3", (("num_classes", 5), ("aux_logits", False), ("init_weights", False)), (3, 96, 96)),
+]
+
+
+def _reference(model, x, states, sites):
+    n, b, L = states.shape
+    img = torch.arange(n).repeat_interleave(b)
+    out = undiscard.run_states(model, x[img], states.reshape(n * b, L), sites)
+    return out.reshape(n, b, *out.shape[1:])
+
+
+@pytest.mark.parametrize("zoo,name,kw,size", MODELS, ids=[m[1] for m in MODELS])
+def test_trie_equals_one_forward_per_state(zoo, name, kw, size):
+    model = cached(zoo, name, kw)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, *size, generator=g)
+    sites = undiscard.find_sites(model, x[:1])
+    L = len(sites.searchable)
+    radix = torch.tensor([s.num_offsets for s in sites.searchable_sites])
+    states = (torch.rand(3, 5, L, generator=g) * radix).long()
+    states[:, 0] = 0
+    states[:, 2, 1:] = states[:, 1, 1:]  # shared suffixes, different first offsets
+    states[:, 3, :1] = states[:, 1, :1]  # a shared prefix
+    with torch.no_grad():
+        res = run_trie(model, x, states, sites)
+        ref = _reference(model, x, states, sites)
+    assert res.shared
+    assert torch.allclose(res.outputs, ref, atol=1e-4, rtol=1e-4)
+    # the trie computed no more rows than states, and shared the prefixes it could
+    assert res.rows[-1] <= 15 and res.rows[0] <= res.rows[-1]
+
+
+def test_trie_of_identical_states_computes_one_row_per_image():
+    states = torch.zeros(4, 6, 3, dtype=torch.long)
+    t = build_trie(states)
+    assert [len(p) for p in t.parents] == [4, 4, 4]
+    assert torch.equal(t.inverse, torch.arange(4).repeat_interleave(6))
+
+
+class SkipNet(nn.Module):
+    """A U-Net-like net: the stride-1 map crosses two sites into the decoder."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(2, 4, 3, 1, 1)
+        self.down1 = nn.Conv2d(4, 4, 3, 2, 1)
+        self.down2 = nn.Conv2d(4, 4, 3, 2, 1)
+        self.down3 = nn.Conv2d(4, 4, 3, 2, 1)
+        self.out = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        s = torch.relu(self.a(x))
+        d = self.down3(torch.relu(self.down2(torch.relu(self.down1(s)))))
+        up = F.interpolate(d, size=s.shape[-2:], mode="nearest")
+        return self.out(torch.cat([up, s], 1))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_tensor_crossing_a_site_falls_back_with_the_same_results(n):
+    model = SkipNet().eval()
+    x = torch.randn(n, 2, 16, 16)
+    sites = undiscard.find_sites(model, x[:1])
+    assert list(sites.searchable) == [1]
+    states = torch.tensor([[[0], [1], [2], [3]]] * n)
+    with torch.no_grad():
+        res = run_trie(model, x, states, sites)
+        ref = _reference(model, x, states, sites)
+    assert not res.shared
+    assert torch.allclose(res.outputs, ref, atol=1e-6)
+
+
+def test_bad_states_are_a_clear_error():
+    model = cached("timm", "resnet18", (("num_classes", 5),))
+    x = torch.randn(2, 3, 64, 64)
+    sites = undiscard.find_sites(model, x[:1])
+    with pytest.raises(undiscard.StateError):
+        run_trie(model, x, torch.zeros(2, 3, dtype=torch.long), sites)
+    with pytest.raises(undiscard.StateError):
+        run_trie(model, x, torch.full((2, 2, 3), 9), sites)
