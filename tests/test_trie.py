@@ -96,3 +96,31 @@ def test_bad_states_are_a_clear_error():
         run_trie(model, x, torch.zeros(2, 3, dtype=torch.long), sites)
     with pytest.raises(undiscard.StateError):
         run_trie(model, x, torch.full((2, 2, 3), 9), sites)
+
+
+@pytest.mark.parametrize("max_batch", [1, 4, 7, 1000])
+def test_chunked_equals_unchunked(max_batch):
+    model = cached("timm", "resnet18", (("num_classes", 5),))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 64, 64, generator=g)
+    sites = undiscard.find_sites(model, x[:1])
+    states = torch.randint(0, 4, (4, 5, 3), generator=g)
+    with torch.no_grad():
+        whole = run_trie(model, x, states, sites)
+        parts = run_trie(model, x, states, sites, max_batch=max_batch)
+    assert torch.equal(whole.outputs, parts.outputs) or torch.allclose(whole.outputs, parts.outputs, atol=1e-5)
+    assert parts.rows[-1] == whole.rows[-1]  # the same distinct prefixes, split across chunks
+
+
+def test_requests_in_any_order_and_count_per_image():
+    from undiscard.trie import run_requests
+
+    model = cached("timm", "resnet18", (("num_classes", 5),))
+    x = torch.randn(3, 3, 64, 64)
+    sites = undiscard.find_sites(model, x[:1])
+    images = torch.tensor([2, 0, 2, 2, 1, 0])
+    states = torch.tensor([[0, 1, 2], [3, 3, 3], [0, 1, 3], [1, 0, 0], [2, 2, 2], [3, 3, 3]])
+    with torch.no_grad():
+        res = run_requests(model, x, images, states, sites, max_batch=3)
+        ref = undiscard.run_states(model, x[images], states, sites)
+    assert res.shared and torch.allclose(res.outputs, ref, atol=1e-5)

@@ -27,7 +27,7 @@ from undiscard.oprefs import BINDERS
 from undiscard.ops import shift_at_offset
 from undiscard.sites import SiteMap
 
-__all__ = ["TrieResult", "build_trie", "run_trie"]
+__all__ = ["TrieResult", "build_trie", "run_requests", "run_trie"]
 
 _TAG = "_undiscard_trie_level"
 
@@ -53,11 +53,19 @@ class TrieResult:
     rows: list[int]
 
 
-def build_trie(states: torch.Tensor) -> _Trie:
-    """The prefix trie of ``states`` ``(N, B, L)`` (flat offsets), images kept apart."""
-    n, b, L = states.shape
-    img = torch.arange(n)[:, None, None].expand(n, b, 1)
-    keys = torch.cat([img, states], -1).reshape(n * b, L + 1)
+def build_trie(states: torch.Tensor, images: torch.Tensor | None = None) -> _Trie:
+    """The prefix trie of ``states`` (flat offsets), images kept apart.
+
+    ``states`` ``(N, B, L)``, or ``(M, L)`` requests with ``images`` ``(M,)`` naming the
+    image (row of the input batch) of each; the level before the first site has one row
+    per input image.
+    """
+    if images is None:
+        n, b, L = states.shape
+        images = torch.arange(n).repeat_interleave(b)
+        states = states.reshape(n * b, L)
+    L = states.shape[1]
+    keys = torch.cat([images[:, None].long(), states], -1)
     prev = keys[:, 0].clone()
     parents, offsets = [], []
     for j in range(L):
@@ -163,27 +171,80 @@ def run_trie(
     states: torch.Tensor,
     sites: SiteMap,
     *,
-    fallback_batch: int = 64,
+    max_batch: int | None = None,
 ) -> TrieResult:
     """``model`` on image ``n`` under each state ``states[n, b]``: ``(N, B, ...)`` outputs.
 
     Args:
         x: ``(N, C, H, W)``.
         states: ``(N, B, L)`` flat offset indices over ``sites.searchable``.
-        fallback_batch: image-states per forward when the model needs the fallback.
+        max_batch: bound on the rows of any forward: images are taken in chunks whose
+            distinct full states number at most ``max_batch`` (an image with more states
+            than that goes alone). Results do not depend on it.
     """
     if not isinstance(states, torch.Tensor) or states.dim() != 3 or states.shape[0] != x.shape[0]:
         raise StateError(f"states must be an (N, B, L) tensor with N = {x.shape[0]}; got {getattr(states, 'shape', states)}")
     n, b, L = states.shape
     flat = sites.encode(states.reshape(n * b, L))
-    states = flat.reshape(n, b, L)
+    res = run_requests(model, x, torch.arange(n).repeat_interleave(b), flat, sites, max_batch=max_batch)
+    return TrieResult(res.outputs.reshape(n, b, *res.outputs.shape[1:]), res.shared, res.rows)
+
+
+def run_requests(
+    model: nn.Module,
+    x: torch.Tensor,
+    images: torch.Tensor,
+    states: torch.Tensor,
+    sites: SiteMap,
+    *,
+    max_batch: int | None = None,
+) -> TrieResult:
+    """Outputs ``(M, ...)`` of image ``images[m]`` under state ``states[m]`` (any number per image)."""
+    states = sites.encode(states)
+    if states.dim() != 2 or images.shape != (states.shape[0],):
+        raise StateError(f"need states (M, L) and images (M,); got {tuple(states.shape)} and {tuple(images.shape)}")
+    if max_batch is not None and max_batch < 1:
+        raise StateError(f"max_batch must be positive; got {max_batch}")
+    m = states.shape[0]
+    if max_batch is None:
+        return _run_chunk(model, x, images, states, sites)
+    # chunks of whole images, at most max_batch distinct (image, state) rows each
+    uniq, inv = torch.unique(torch.cat([images[:, None].long(), states], 1), dim=0, return_inverse=True)
+    per_image = torch.bincount(uniq[:, 0], minlength=x.shape[0])
+    chunks, cur, size = [], [], 0
+    for i in torch.unique(images).tolist():
+        k = int(per_image[i])
+        if cur and size + k > max_batch:
+            chunks.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += k
+    if cur:
+        chunks.append(cur)
+    out, shared, rows = None, True, [0] * states.shape[1]
+    for chunk in chunks:
+        sel = torch.isin(images, torch.tensor(chunk)).nonzero().flatten()
+        remap = torch.full((x.shape[0],), -1, dtype=torch.long)
+        remap[torch.tensor(chunk)] = torch.arange(len(chunk))
+        r = _run_chunk(model, x[torch.tensor(chunk)], remap[images[sel]], states[sel], sites)
+        if out is None:
+            out = r.outputs.new_empty((m, *r.outputs.shape[1:]))
+        out[sel] = r.outputs
+        shared = shared and r.shared
+        rows = [a + c for a, c in zip(rows, r.rows)]
+    return TrieResult(out, shared, rows)
+
+
+def _run_chunk(model: nn.Module, x: torch.Tensor, images: torch.Tensor, states: torch.Tensor, sites: SiteMap) -> TrieResult:
+    m, L = states.shape
     if L == 0:
         out = model(x)
-        return TrieResult(out[:, None].expand(n, b, *out.shape[1:]), True, [])
-    trie = build_trie(states)
+        return TrieResult(out.index_select(0, images), True, [])
+    trie = build_trie(states, images)
+    level = {si: k for k, si in enumerate(sites.searchable)}
     handles = []
     for name, site_index, dims in sites.module_sites:
-        j = {si: k for k, si in enumerate(sites.searchable)}.get(site_index)
+        j = level.get(site_index)
         if j is None:
             continue
 
@@ -201,16 +262,11 @@ def run_trie(
             out = model(x0)
         if not isinstance(out, torch.Tensor) or getattr(out, _TAG, None) != L - 1:
             raise _CrossSite("output")
-        out = out.index_select(0, trie.inverse.to(out.device)).reshape(n, b, *out.shape[1:])
-        return TrieResult(out, True, [len(p) for p in trie.parents])
+        return TrieResult(out.index_select(0, trie.inverse.to(out.device)), True, [len(p) for p in trie.parents])
     except _CrossSite:
         pass
     finally:
         for h in handles:
             h.remove()
-    img = torch.arange(n).repeat_interleave(b)
-    outs = []
-    for s in range(0, n * b, fallback_batch):
-        outs.append(run_states(model, x[img[s : s + fallback_batch]], flat[s : s + fallback_batch], sites))
-    out = torch.cat(outs)
-    return TrieResult(out.reshape(n, b, *out.shape[1:]), False, [n * b] * L)
+    out = run_states(model, x[images], states, sites)
+    return TrieResult(out, False, [m] * L)
