@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import undiscard
 from conftest import cached
 from undiscard.cli import main
 from undiscard.evaluate import EvalConfig, calibration_error, run_eval

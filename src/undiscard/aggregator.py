@@ -287,7 +287,6 @@ def train_aggregator(
     crit = nn.CrossEntropyLoss()
     for p in model.parameters():
         p.requires_grad_(False)
-    step = 0
     history = []
     for epoch in range(epochs):
         perm = torch.randperm(n, generator=gen)
@@ -307,7 +306,6 @@ def train_aggregator(
             loss.backward()
             opt.step()
             sched.step()
-            step += 1
             tot += loss.item()
         history.append(tot / steps_per_epoch)
         log(f"aggregator epoch {epoch + 1}/{epochs} loss {history[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")

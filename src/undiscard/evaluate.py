@@ -14,18 +14,17 @@ same output resumes where it stopped.
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from undiscard.aggregate import entropy
 from undiscard.errors import UndiscardError
 
 __all__ = ["EvalConfig", "calibration_error", "run_eval"]
@@ -237,7 +236,7 @@ def run_eval(cfg: EvalConfig, out_json: str | os.PathLike | None = None, log=pri
                         a1, _ = w.aggregator(found.features[:, :1], found.cells[:, :1])
                         acc(f"{c}|attention-default-only|1").add(w.split.head(w._from_positions(a1, found.grid)), yb)
                     acc(f"{c}|best-single|{b}").add(found.logits[:, :b].gather(
-                        1, (-_entropy(found.logits[:, :b])).argmax(1)[:, None, None].expand(-1, 1, found.logits.shape[-1])
+                        1, (-entropy(found.logits[:, :b])).argmax(1)[:, None, None].expand(-1, 1, found.logits.shape[-1])
                     ).squeeze(1), yb)
             if single:
                 from undiscard.engine import use_states
@@ -309,12 +308,6 @@ def run_eval(cfg: EvalConfig, out_json: str | os.PathLike | None = None, log=pri
         out_path.write_text(json.dumps(result, indent=1) + "\n")
         out_path.with_suffix(".partial.pt").unlink(missing_ok=True)
     return result
-
-
-def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    from undiscard.aggregate import entropy
-
-    return entropy(logits)
 
 
 def format_table(result: dict) -> str:
