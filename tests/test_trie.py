@@ -124,3 +124,60 @@ def test_requests_in_any_order_and_count_per_image():
         res = run_requests(model, x, images, states, sites, max_batch=3)
         ref = undiscard.run_states(model, x[images], states, sites)
     assert res.shared and torch.allclose(res.outputs, ref, atol=1e-5)
+
+
+SEARCH_MODELS = [m for m in MODELS if m[1] in ("resnet18", "mobilenetv2_100", "pvt_v2_b0", "swin_tiny_patch4_window7_224")]
+
+
+@pytest.mark.parametrize("zoo,name,kw,size", SEARCH_MODELS, ids=[m[1] for m in SEARCH_MODELS])
+def test_search_through_the_prefix_cache_equals_rerunning_every_state(zoo, name, kw, size):
+    model = cached(zoo, name, kw)
+    x = torch.randn(3, *size, generator=torch.Generator().manual_seed(2))
+    found = {}
+    for engine in ("rerun", "trie"):
+        u = undiscard.wrap(model, 6, "entropy", "mean", engine=engine, max_batch=4)
+        with torch.no_grad():
+            found[engine] = (u.search(x), u.last_rows)
+    (a, rows_a), (b, rows_b) = found["rerun"], found["trie"]
+    assert torch.equal(a.states, b.states)
+    assert torch.allclose(a.features, b.features, atol=1e-4, rtol=1e-4)
+    # every evaluated state reached the last site once; earlier sites shared prefixes
+    assert rows_b[-1] == rows_a[-1] == 3 * 6
+    if name in ("resnet18", "mobilenetv2_100"):  # resumable from cached site inputs
+        assert rows_b[0] < rows_a[0]
+    else:  # PVT/Swin reshape with -1 before a site: an empty batch fails, prefixes are recomputed
+        assert rows_b[0] <= rows_a[0]
+
+
+def test_search_on_a_model_with_a_crossing_skip_falls_back_with_the_same_results():
+    model = SkipNet().eval()
+    x = torch.randn(2, 2, 16, 16)
+    split = (model, lambda f: f.mean((2, 3)))
+    found = {}
+    for engine in ("rerun", "trie"):
+        u = undiscard.wrap(model, 3, "entropy", "mean", engine=engine, split=split)
+        with torch.no_grad():
+            found[engine] = u.search(x)
+    assert torch.equal(found["rerun"].states, found["trie"].states)
+    assert torch.allclose(found["rerun"].features, found["trie"].features, atol=1e-6)
+
+
+def test_a_resumed_pass_computes_only_what_is_new():
+    from undiscard.trie import SharedPrefixEvaluator
+
+    model = cached("timm", "resnet18", (("num_classes", 5),))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    sites = undiscard.find_sites(model, x[:1])
+    ev = SharedPrefixEvaluator(model, x, sites)
+    img = torch.tensor([0, 1])
+    with torch.no_grad():
+        first = ev(img, torch.tensor([[0, 0, 0], [0, 0, 0]]))
+        assert ev.rows == [2, 2, 2]
+        # differs from the cached prefix only at the last site: sites 0 and 1 are not recomputed
+        second = ev(img, torch.tensor([[0, 0, 3], [0, 0, 1]]))
+        assert ev.rows == [2, 2, 4]
+        third = ev(torch.tensor([1]), torch.tensor([[2, 0, 0]]))
+        assert ev.rows == [3, 3, 5]
+        ref = undiscard.run_states(model, x[[0, 1, 0, 1, 1]],
+                                   torch.tensor([[0, 0, 0], [0, 0, 0], [0, 0, 3], [0, 0, 1], [2, 0, 0]]), sites)
+    assert torch.allclose(torch.cat([first, second, third]), ref, atol=1e-5)

@@ -31,10 +31,12 @@ from undiscard.engine import use_states
 from undiscard.errors import InputError, SiteMismatchError, StateError, UndiscardError
 from undiscard.search import CRITERIA, greedy_search
 from undiscard.sites import SiteMap, find_sites
+from undiscard.trie import SharedPrefixEvaluator
 
-__all__ = ["AGGREGATES", "Details", "FeatureSplit", "Searched", "Undiscard", "split_classifier", "wrap"]
+__all__ = ["AGGREGATES", "ENGINES", "Details", "FeatureSplit", "Searched", "Undiscard", "split_classifier", "wrap"]
 
 AGGREGATES = ("mean", "entropy", "attention")
+ENGINES = ("trie", "rerun")
 
 
 # --------------------------------------------------------------------- feature / head split
@@ -149,6 +151,7 @@ class Undiscard(nn.Module):
         seed: int = 0,
         split: tuple[Callable, Callable] | None = None,
         return_details: bool = False,
+        engine: str = "trie",
     ) -> None:
         super().__init__()
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
@@ -159,6 +162,8 @@ class Undiscard(nn.Module):
             raise StateError(f"aggregate must be one of {AGGREGATES}; got {aggregate!r}")
         if max_batch < 1:
             raise StateError(f"max_batch must be positive; got {max_batch}")
+        if engine not in ENGINES:
+            raise StateError(f"engine must be one of {ENGINES}; got {engine!r}")
         if isinstance(aggregator, (str, bytes)) or hasattr(aggregator, "__fspath__"):
             from undiscard.aggregator import load_aggregator
 
@@ -176,6 +181,8 @@ class Undiscard(nn.Module):
         self.searchable, self.align, self.fill = searchable, bool(align), fill
         self.width, self.max_batch, self.seed = width, int(max_batch), seed
         self.return_details = return_details
+        self.engine = engine
+        self.last_rows: list[int] = []  # rows computed per searchable site by the last search
         self._sites: dict[tuple, SiteMap] = {}
         if aggregator is not None:
             aggregator.check_align(self.align)
@@ -210,18 +217,27 @@ class Undiscard(nn.Module):
         sp = self.split
         dims = len(stride)
 
+        shared = None
+        if self.engine == "trie":
+            shared = SharedPrefixEvaluator(self.model, x, sites, forward=sp.features, max_batch=self.max_batch)
+        rows = [0] * len(sites.searchable)
+
         def features(img: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-            outs = []
-            for s in range(0, img.numel(), self.max_batch):
-                i, st = img[s : s + self.max_batch], states[s : s + self.max_batch]
-                with use_states(self.model, sites, st):
-                    f = sp.features(x[i])
-                if not grid:
-                    grid.append(tuple(f.shape[2:]) if sp.layout == "NCHW" else tuple(f.shape[1:-1]))
-                if self.align:
-                    f = sp.align(f, sites.displacement(st), stride, self.fill)
-                outs.append(sp.to_positions(f))
-            return torch.cat(outs)
+            if shared is not None:
+                fs = [shared(img, states)]
+            else:
+                fs = []
+                for s in range(0, img.numel(), self.max_batch):
+                    with use_states(self.model, sites, states[s : s + self.max_batch]):
+                        fs.append(sp.features(x[img[s : s + self.max_batch]]))
+                for j in range(len(rows)):
+                    rows[j] += img.numel()
+            f = torch.cat(fs) if len(fs) > 1 else fs[0]
+            if not grid:
+                grid.append(tuple(f.shape[2:]) if sp.layout == "NCHW" else tuple(f.shape[1:-1]))
+            if self.align:
+                f = sp.align(f, sites.displacement(states), stride, self.fill)
+            return sp.to_positions(f)
 
         grid: list[tuple[int, ...]] = []
 
@@ -237,6 +253,7 @@ class Undiscard(nn.Module):
         res = greedy_search(
             features, x.shape[0], sites, budget, criterion, score=score, width=self.width, seed=self.seed
         )
+        self.last_rows = shared.rows if shared is not None else rows
         n, b = res.states.shape[:2]
         flat = res.outputs.flatten(0, 1)
         logits = head_of_positions(flat).reshape(n, b, -1)

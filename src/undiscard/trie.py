@@ -15,19 +15,20 @@ all the states (per-sample offsets in one op), with the same results.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from undiscard.engine import run_states
+from undiscard.engine import use_states
 from undiscard.errors import SiteMismatchError, StateError
 from undiscard.oprefs import BINDERS
 from undiscard.ops import shift_at_offset
 from undiscard.sites import SiteMap
 
-__all__ = ["TrieResult", "build_trie", "run_requests", "run_trie"]
+__all__ = ["SharedPrefixEvaluator", "TrieResult", "build_trie", "run_requests", "run_trie"]
 
 _TAG = "_undiscard_trie_level"
 
@@ -41,6 +42,7 @@ class _Trie:
     parents: list[torch.Tensor]  # per searchable site: (R_j,) row of the parent prefix
     offsets: list[torch.Tensor]  # per searchable site: (R_j,) flat offset of the row
     inverse: torch.Tensor  # (N * B,) final row of each (image, state)
+    keys: list[torch.Tensor]  # per searchable site: (R_j, j + 2) image and offsets of each row
 
 
 @dataclass
@@ -67,15 +69,16 @@ def build_trie(states: torch.Tensor, images: torch.Tensor | None = None) -> _Tri
     L = states.shape[1]
     keys = torch.cat([images[:, None].long(), states], -1)
     prev = keys[:, 0].clone()
-    parents, offsets = [], []
+    parents, offsets, levels = [], [], []
     for j in range(L):
         uniq, inv = torch.unique(keys[:, : j + 2], dim=0, return_inverse=True)
         parent = torch.empty(uniq.shape[0], dtype=torch.long)
         parent[inv] = prev
         parents.append(parent)
         offsets.append(uniq[:, -1].clone())
+        levels.append(uniq)
         prev = inv
-    return _Trie(parents, offsets, prev)
+    return _Trie(parents, offsets, prev, levels)
 
 
 def _tensors(obj: Any, out: list) -> None:
@@ -132,12 +135,55 @@ def _expand(x: torch.Tensor, trie: _Trie, j: int, sites: SiteMap, site_index: in
     return y
 
 
-class _TrieMode(TorchFunctionMode):
-    def __init__(self, sites: SiteMap, trie: _Trie) -> None:
-        super().__init__()
-        self.sites, self.trie = sites, trie
-        self.calls = sites.calls
+class _Pass:
+    """One forward of the trie, optionally resumed at searchable site ``start`` from
+    activations cached by earlier passes, and recording the inputs of every site it
+    computes (the cache is keyed by ``(image, offsets at the sites before)``)."""
+
+    def __init__(self, sites: SiteMap, trie: _Trie, gimages: torch.Tensor, start: int, cache: list[dict] | None):
+        self.sites, self.trie, self.gimages, self.start, self.cache = sites, trie, gimages, start, cache
         self.level = {si: j for j, si in enumerate(sites.searchable)}
+        self.ncall: dict[int, int] = {}
+
+    def _keys(self, j: int) -> list[tuple[int, ...]]:
+        """Cache keys of the rows of level ``j - 1`` (the inputs of site ``j``)."""
+        if j == 0:
+            return [(int(self.gimages[i]),) for i in range(len(self.gimages))]
+        k = self.trie.keys[j - 1]
+        g = self.gimages[k[:, 0]]
+        return [(int(a), *b) for a, b in zip(g.tolist(), k[:, 1:].tolist())]
+
+    def site(self, x: torch.Tensor, site_index: int, fn) -> torch.Tensor:
+        j = self.level[site_index]
+        c = self.ncall.get(j, 0)
+        self.ncall[j] = c + 1
+        if j < self.start:  # before the resume point: nothing to compute
+            if getattr(x, _TAG, None) != j - 1:
+                raise _CrossSite((getattr(x, _TAG, None), j - 1))
+            y = fn(x, (0,) * len(self.sites.sites[site_index].stride))
+            setattr(y, _TAG, j)
+            return y
+        if j == self.start:
+            if getattr(x, _TAG, None) != j - 1:
+                raise _CrossSite((getattr(x, _TAG, None), j - 1))
+            x = torch.stack([self.cache[j][key][c] for key in self._keys(j)])
+            setattr(x, _TAG, j - 1)
+        elif self.cache is not None and getattr(x, _TAG, None) == j - 1:
+            rows = x.detach().clone().unbind(0)
+            for key, row in zip(self._keys(j), rows):
+                if c == 0:
+                    self.cache[j][key] = [row]
+                else:
+                    self.cache[j][key].append(row)
+        return _expand(x, self.trie, j, self.sites, site_index, fn)
+
+
+class _TrieMode(TorchFunctionMode):
+    def __init__(self, sites: SiteMap, pass_: _Pass) -> None:
+        super().__init__()
+        self.sites, self.pass_ = sites, pass_
+        self.calls = sites.calls
+        self.level = pass_.level
         self.counter = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -155,10 +201,8 @@ class _TrieMode(TorchFunctionMode):
                 )
             self.counter += 1
             site_index = self.calls[i][2]
-            j = self.level.get(site_index)
-            if j is not None:
-                return _expand(call.x, self.trie, j, self.sites, site_index,
-                               lambda xs, off: call.with_input(xs).at_offset(off))
+            if site_index in self.level:
+                return self.pass_.site(call.x, site_index, lambda xs, off: call.with_input(xs).at_offset(off))
         out = func(*args, **kwargs)
         if level is not None:
             _tag(out, level)
@@ -198,75 +242,176 @@ def run_requests(
     sites: SiteMap,
     *,
     max_batch: int | None = None,
+    forward: Callable | None = None,
 ) -> TrieResult:
     """Outputs ``(M, ...)`` of image ``images[m]`` under state ``states[m]`` (any number per image)."""
     states = sites.encode(states)
     if states.dim() != 2 or images.shape != (states.shape[0],):
         raise StateError(f"need states (M, L) and images (M,); got {tuple(states.shape)} and {tuple(images.shape)}")
-    if max_batch is not None and max_batch < 1:
-        raise StateError(f"max_batch must be positive; got {max_batch}")
-    m = states.shape[0]
+    ev = SharedPrefixEvaluator(model, x, sites, forward=forward, max_batch=max_batch, cache=False)
+    out = ev(images, states)
+    return TrieResult(out, bool(ev.shared) or len(sites.searchable) == 0, ev.rows)
+
+
+def _run_chunk(
+    model: nn.Module,
+    x: torch.Tensor,
+    images: torch.Tensor,
+    states: torch.Tensor,
+    sites: SiteMap,
+    *,
+    forward: Callable | None = None,
+    start: int = -1,
+    cache: list[dict] | None = None,
+    gimages: torch.Tensor | None = None,
+) -> TrieResult | None:
+    """One trie pass over requests of the images of ``x``; None when a tensor crosses a site."""
+    forward = model if forward is None else forward
+    m, L = states.shape
+    if L == 0:
+        out = forward(x)
+        return TrieResult(out.index_select(0, images), True, [])
+    trie = build_trie(states, images)
+    pass_ = _Pass(sites, trie, torch.arange(x.shape[0]) if gimages is None else gimages, start, cache)
+    handles = []
+    for name, site_index, dims in sites.module_sites:
+        if site_index not in pass_.level:
+            continue
+
+        def hook(module, args, site_index=site_index, dims=dims):
+            if not args or not isinstance(args[0], torch.Tensor):
+                return None
+            y = pass_.site(args[0], site_index, lambda xs, off: shift_at_offset(xs, dims, off))
+            return (y, *args[1:])
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    x0 = x[:0] if start >= 0 else x.view(x.shape)
+    setattr(x0, _TAG, -1)
+    try:
+        with _TrieMode(sites, pass_):
+            out = forward(x0)
+        if not isinstance(out, torch.Tensor) or getattr(out, _TAG, None) != L - 1 or out.shape[0] != len(trie.keys[-1]):
+            raise _CrossSite("output")  # also: a batch size read before a site and reused after it
+        return TrieResult(out.index_select(0, trie.inverse.to(out.device)), True, [len(p) for p in trie.parents[max(start, 0):]])
+    except _CrossSite:
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _per_state(model, forward, x, images, states, sites) -> torch.Tensor:
+    with use_states(model, sites, states):
+        return forward(x[images])
+
+
+class SharedPrefixEvaluator:
+    """Evaluates ``(image, state)`` requests on one batch over many calls (one call per
+    search step), computing each distinct prefix once ACROSS calls: the inputs of every
+    searchable site are kept per ``(image, offsets before it)``, and a request whose
+    longest cached prefix ends at site ``j`` runs only from site ``j`` on (the ops
+    before it see an empty batch). A model that carries a tensor across a site falls
+    back to one batched per-sample-state forward per request, with the same results.
+
+    Memory: the cache holds, per image, one input of each site call per distinct prefix
+    reaching it (sum over sites of activation size x distinct prefixes); chunks of at
+    most ``max_batch`` rows bound the working set of each pass on top of that.
+
+    Args:
+        model: the network (its modules carry the site hooks).
+        x: ``(N, ...)`` the batch.
+        forward: what to run (default ``model``; e.g. ``model.forward_features``).
+        cache: False recomputes every request from the input (one trie pass per call).
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, sites: SiteMap, *, forward: Callable | None = None,
+                 max_batch: int | None = None, cache: bool = True) -> None:
+        if max_batch is not None and max_batch < 1:
+            raise StateError(f"max_batch must be positive; got {max_batch}")
+        self.model, self.x, self.sites, self.forward = model, x, sites, forward
+        self.max_batch = max_batch
+        self.L = len(sites.searchable)
+        self.cache: list[dict] | None = [dict() for _ in range(self.L)] if cache else None
+        self.shared: bool | None = None  # unknown until the first pass
+        self.resume = True  # False once a resumed pass failed (an op that rejects an empty batch)
+        self.rows = [0] * self.L  # rows computed per site, over all calls
+
+    def _start(self, image: int, state: tuple[int, ...]) -> int:
+        if self.cache is None or not self.resume:
+            return -1
+        for j in range(self.L - 1, -1, -1):
+            if (image, *state[:j]) in self.cache[j]:
+                return j
+        return -1
+
+    def __call__(self, images: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        states = self.sites.encode(states)
+        m = states.shape[0]
+        if self.shared is False or self.L == 0:
+            return self._fallback(images, states)
+        starts = torch.tensor([self._start(int(i), tuple(s)) for i, s in zip(images.tolist(), states.tolist())],
+                              dtype=torch.long)
+        out = None
+        for r in torch.unique(starts).tolist():
+            sel = (starts == r).nonzero().flatten()
+            try:
+                o = self._pass(images[sel], states[sel], r)
+            except Exception:
+                if r < 0:
+                    raise
+                # an op before the resume point rejected the empty batch: recompute prefixes
+                self.resume = False
+                o = self._pass(images[sel], states[sel], -1)
+            if o is None:  # the model crosses sites: no sharing from now on
+                self.shared, self.cache = False, None
+                return self._fallback(images, states)
+            self.shared = True
+            if out is None:
+                out = o.new_empty((m, *o.shape[1:]))
+            out[sel] = o
+        return out
+
+    def _fallback(self, images: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        step = self.max_batch or states.shape[0]
+        fwd = self.model if self.forward is None else self.forward
+        outs = [_per_state(self.model, fwd, self.x, images[s : s + step], states[s : s + step], self.sites)
+                for s in range(0, states.shape[0], step)]
+        self.rows = [r + states.shape[0] for r in self.rows]
+        return torch.cat(outs)
+
+    def _pass(self, images: torch.Tensor, states: torch.Tensor, start: int) -> torch.Tensor | None:
+        out = None
+        for chunk in _chunks(images, states, self.x.shape[0], self.max_batch):
+            sel = torch.isin(images, chunk).nonzero().flatten()
+            remap = torch.full((self.x.shape[0],), -1, dtype=torch.long)
+            remap[chunk] = torch.arange(len(chunk))
+            r = _run_chunk(self.model, self.x[chunk], remap[images[sel]], states[sel], self.sites,
+                           forward=self.forward, start=start, cache=self.cache, gimages=chunk)
+            if r is None:
+                return None
+            for k, v in enumerate(r.rows):
+                self.rows[max(start, 0) + k] += v
+            if out is None:
+                out = r.outputs.new_empty((states.shape[0], *r.outputs.shape[1:]))
+            out[sel] = r.outputs
+        return out
+
+
+def _chunks(images: torch.Tensor, states: torch.Tensor, n: int, max_batch: int | None) -> list[torch.Tensor]:
+    """Whole images, at most ``max_batch`` distinct (image, state) rows per chunk."""
+    present = torch.unique(images)
     if max_batch is None:
-        return _run_chunk(model, x, images, states, sites)
-    # chunks of whole images, at most max_batch distinct (image, state) rows each
-    uniq, inv = torch.unique(torch.cat([images[:, None].long(), states], 1), dim=0, return_inverse=True)
-    per_image = torch.bincount(uniq[:, 0], minlength=x.shape[0])
+        return [present]
+    uniq = torch.unique(torch.cat([images[:, None].long(), states], 1), dim=0)
+    per_image = torch.bincount(uniq[:, 0], minlength=n)
     chunks, cur, size = [], [], 0
-    for i in torch.unique(images).tolist():
+    for i in present.tolist():
         k = int(per_image[i])
         if cur and size + k > max_batch:
-            chunks.append(cur)
+            chunks.append(torch.tensor(cur))
             cur, size = [], 0
         cur.append(i)
         size += k
     if cur:
-        chunks.append(cur)
-    out, shared, rows = None, True, [0] * states.shape[1]
-    for chunk in chunks:
-        sel = torch.isin(images, torch.tensor(chunk)).nonzero().flatten()
-        remap = torch.full((x.shape[0],), -1, dtype=torch.long)
-        remap[torch.tensor(chunk)] = torch.arange(len(chunk))
-        r = _run_chunk(model, x[torch.tensor(chunk)], remap[images[sel]], states[sel], sites)
-        if out is None:
-            out = r.outputs.new_empty((m, *r.outputs.shape[1:]))
-        out[sel] = r.outputs
-        shared = shared and r.shared
-        rows = [a + c for a, c in zip(rows, r.rows)]
-    return TrieResult(out, shared, rows)
-
-
-def _run_chunk(model: nn.Module, x: torch.Tensor, images: torch.Tensor, states: torch.Tensor, sites: SiteMap) -> TrieResult:
-    m, L = states.shape
-    if L == 0:
-        out = model(x)
-        return TrieResult(out.index_select(0, images), True, [])
-    trie = build_trie(states, images)
-    level = {si: k for k, si in enumerate(sites.searchable)}
-    handles = []
-    for name, site_index, dims in sites.module_sites:
-        j = level.get(site_index)
-        if j is None:
-            continue
-
-        def hook(module, args, j=j, site_index=site_index, dims=dims):
-            if not args or not isinstance(args[0], torch.Tensor):
-                return None
-            y = _expand(args[0], trie, j, sites, site_index, lambda xs, off: shift_at_offset(xs, dims, off))
-            return (y, *args[1:])
-
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    x0 = x.view(x.shape)
-    setattr(x0, _TAG, -1)
-    try:
-        with _TrieMode(sites, trie):
-            out = model(x0)
-        if not isinstance(out, torch.Tensor) or getattr(out, _TAG, None) != L - 1:
-            raise _CrossSite("output")
-        return TrieResult(out.index_select(0, trie.inverse.to(out.device)), True, [len(p) for p in trie.parents])
-    except _CrossSite:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    out = run_states(model, x[images], states, sites)
-    return TrieResult(out, False, [m] * L)
+        chunks.append(torch.tensor(cur))
+    return chunks
