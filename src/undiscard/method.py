@@ -174,6 +174,10 @@ class Undiscard(nn.Module):
                 f"{what} needs a trained aggregator: pass aggregator=PATH (from `undiscard train-aggregator`) "
                 "or an AttentionAggregator"
             )
+        # a torch.compile'd model: the plain forward (budget 1) stays compiled; the engine
+        # intercepts ops in Python and runs the eager module underneath
+        self.__dict__["_plain"] = model  # not a submodule: it shares the parameters of self.model
+        model = getattr(model, "_orig_mod", model)
         self.model = model
         self.split = split_classifier(model, split)
         self.budget, self.criterion, self.aggregate = budget, criterion, aggregate
@@ -293,7 +297,7 @@ class Undiscard(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Any:
         if self.budget == 1:
-            out = self.model(x)
+            out = self._plain(x)
             if not self.return_details:
                 return out
             sites = self.sites_for(x)
