@@ -216,6 +216,7 @@ def run_trie(
     sites: SiteMap,
     *,
     max_batch: int | None = None,
+    forward: Callable | None = None,
 ) -> TrieResult:
     """``model`` on image ``n`` under each state ``states[n, b]``: ``(N, B, ...)`` outputs.
 
@@ -225,12 +226,13 @@ def run_trie(
         max_batch: bound on the rows of any forward: images are taken in chunks whose
             distinct full states number at most ``max_batch`` (an image with more states
             than that goes alone). Results do not depend on it.
+        forward: what to run instead of ``model`` (e.g. ``model.forward_features``).
     """
     if not isinstance(states, torch.Tensor) or states.dim() != 3 or states.shape[0] != x.shape[0]:
         raise StateError(f"states must be an (N, B, L) tensor with N = {x.shape[0]}; got {getattr(states, 'shape', states)}")
     n, b, L = states.shape
     flat = sites.encode(states.reshape(n * b, L))
-    res = run_requests(model, x, torch.arange(n).repeat_interleave(b), flat, sites, max_batch=max_batch)
+    res = run_requests(model, x, torch.arange(n).repeat_interleave(b), flat, sites, max_batch=max_batch, forward=forward)
     return TrieResult(res.outputs.reshape(n, b, *res.outputs.shape[1:]), res.shared, res.rows)
 
 
