@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import warnings
+from pathlib import Path
 from collections.abc import Sequence
 
 import torch
@@ -128,7 +129,9 @@ def cmd_eval(args) -> int:
         limit=args.limit, start=args.start, batch_size=args.batch_size, max_batch=args.max_batch, width=args.width or None, seed=args.seed,
         timing_images=args.timing_images, repeats=args.repeats, single_states=args.single_states, threads=args.threads,
     )
-    result = run_eval(cfg, args.json, log=lambda m: print(m, file=sys.stderr))
+    result = run_eval(cfg, args.json, log=lambda m: print(m, file=sys.stderr), fresh=args.fresh)
+    if result is None:  # a rank other than 0 of a torchrun launch: rank 0 prints and writes
+        return 0
     print(format_table(result))
     if args.json:
         print(f"wrote {args.json}", file=sys.stderr)
@@ -180,7 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch", type=int, default=4, help="batch size for the per-sample check (default 4)")
     sp.set_defaults(func=cmd_check)
 
-    sp = sub.add_parser("eval", help="accuracy, NLL, ECE and cost of the method vs the plain model")
+    sp = sub.add_parser("eval", help="accuracy, NLL, ECE and cost of the method vs the plain model",
+                        description="Accuracy, NLL, ECE and cost of the method vs the plain model. Distributed: "
+                                    "torchrun --nproc-per-node N -m undiscard eval MODEL ... shards the batches "
+                                    "across N processes; rank 0 prints and writes the merged numbers, identical "
+                                    "to one process's.")
     sp.add_argument("model", help="a checkpoint (.safetensors from train-backbone) or timm:NAME")
     sp.add_argument("--data", default="fashion-mnist", help="fashion-mnist[:train|val|test] (default test) or an image folder")
     sp.add_argument("--budget", default="1,2,4,8,16", help="budgets B, comma-separated (default 1,2,4,8,16)")
@@ -201,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeats", type=int, default=3, help="timing repeats, the median is reported (default 3)")
     sp.add_argument("--single-states", action="store_true", help="also the accuracy of every one-site state")
     sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
-    sp.add_argument("--json", default=None, help="write results here (resumes from OUT.partial.pt if present)")
+    sp.add_argument("--json", default=None,
+                    help="write results here; progress is saved per shard as it completes and a rerun of the same "
+                         "command resumes it (OUT.partial.pt, or OUT.shard{r}of{N}.partial.pt under torchrun)")
+    sp.add_argument("--fresh", action="store_true",
+                    help="delete the saved partial results of --json OUT and start over (needed after changing arguments)")
     sp.add_argument("--plot", default=None, help="write a PNG of accuracy and cost vs budget")
     sp.set_defaults(func=cmd_eval)
 
@@ -236,7 +247,94 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--fp32", action="store_true", help="store float32 weights (default float16)")
     sp.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX files")
     sp.set_defaults(func=cmd_train_backbone)
+
+    sp = sub.add_parser("fit-policy", help="fit dataset-level state lists on the val split; compare with per-image search")
+    sp.add_argument("model", help="a checkpoint (.safetensors) trained on Fashion-MNIST")
+    sp.add_argument("--val-images", type=int, default=500, help="fashion-mnist:val images the policy is fitted on")
+    sp.add_argument("--limit", type=int, default=2000, help="fashion-mnist:test images evaluated (default 2000)")
+    sp.add_argument("--max-budget", type=int, default=10, help="longest policy / per-image search budget (default 10)")
+    sp.add_argument("--spaces", default=None, help="search spaces NAME=I,J;NAME=K (default: inner, last, last2, last3)")
+    sp.add_argument("--timing-images", type=int, default=32)
+    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--threads", type=int, default=0)
+    sp.add_argument("--json", default=None, help="write results here; a rerun resumes from it (same settings)")
+    sp.add_argument("--fresh", action="store_true", help="ignore a saved --json and start over")
+    sp.add_argument("--plot", default=None, help="PNG of accuracy vs cost with the Pareto front")
+    sp.set_defaults(func=cmd_fit_policy)
+
+    sp = sub.add_parser("bench", help="time/FLOPs/memory of ours vs the plain model, a re-run baseline and the trie floor")
+    sp.add_argument("--models", default="resnet18,resnet50,mobilenetv2_100", help="timm models (random weights)")
+    sp.add_argument("--size", type=int, default=224)
+    sp.add_argument("--batch", type=int, default=16)
+    sp.add_argument("--budget", default="1,4,10,16", help="budgets B (default 1,4,10,16)")
+    sp.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
+    sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    sp.add_argument("--channels-last", action="store_true", help="run every model in channels_last")
+    sp.add_argument("--memory", default="resnet50:10:16,resnet50:32:8",
+                    help="peak-RSS points MODEL:B:BATCH, comma-separated ('' for none)")
+    sp.add_argument("--options", default="resnet50", help="model to try channels_last / torch.compile on ('' for none)")
+    sp.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    sp.add_argument("--json", default=None, help="write the measurements here")
+    sp.add_argument("--plot", default=None, help="write a PNG of time vs B here")
+    sp.add_argument("--readme", default=None, help="re-render this README's <!-- bench:start/end --> section")
+    sp.set_defaults(func=cmd_bench)
     return p
+
+
+def cmd_fit_policy(args) -> int:
+    from undiscard import policy
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spaces = None
+    if args.spaces:
+        try:
+            spaces = {k: [int(v) for v in vs.split(",")] for k, _, vs in (t.partition("=") for t in args.spaces.split(";"))}
+        except ValueError:
+            raise UndiscardError(f"--spaces wants NAME=I,J;NAME=K (site indices); got {args.spaces!r}") from None
+    out = Path(args.json) if args.json else None
+    previous = None
+    if out is not None and out.exists() and not args.fresh:
+        previous = json.loads(out.read_text())
+
+    def save(result):
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
+            tmp.replace(out)
+
+    result = policy.run_study(args.model, spaces=spaces, val_images=args.val_images, test_limit=args.limit,
+                              max_budget=args.max_budget, timing_images=args.timing_images, repeats=args.repeats,
+                              save=save, previous=previous)
+    print(policy.format_study(result))
+    if args.plot:
+        policy.plot_study(result, args.plot)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from undiscard import bench
+    from undiscard.method import budgets_from
+
+    try:
+        memory = [(m, int(b), int(n)) for m, b, n in (t.split(":") for t in _csv(args.memory))]
+    except ValueError:
+        raise UndiscardError(f"--memory wants MODEL:B:BATCH items, e.g. resnet50:32:8; got {args.memory!r}") from None
+    result = bench.run_bench(
+        _csv(args.models), size=args.size, batch=args.batch, budgets=budgets_from(args.budget),
+        repeats=args.repeats, threads=args.threads, channels_last=args.channels_last, memory=memory,
+        options=args.options or None, compile=not args.no_compile,
+    )
+    print(bench.format_markdown(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    if args.plot:
+        bench.plot_bench(result, args.plot)
+    if args.readme:
+        bench.write_readme(result, args.readme)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

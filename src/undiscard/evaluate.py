@@ -7,18 +7,31 @@ budget are read off the same run. Costs are measured separately, side by side in
 same process: on ``timing_images`` images, the plain forward and the full method at each
 budget (search + aggregation, nothing shared), median of ``repeats``.
 
-Results are written as JSON after every batch; rerunning the same command with the
-same output resumes where it stopped.
+Distributed: under ``torchrun --nproc-per-node N -m undiscard eval ...`` (``WORLD_SIZE`` >
+1 in the environment) batch ``i`` of the single-process run goes to rank ``i mod N``; the
+batch boundaries, and so every image's search, are those of one process. Each rank keeps
+per-image confidence / correctness / NLL tagged with the image's index; rank 0 gathers
+them, puts them back in image order and summarises them exactly as one process would, so
+the numbers are identical (given the same ``--threads``). The cost is measured on rank 0
+alone after the shards finished; only rank 0 prints and writes.
+
+Resuming: with an output path each shard's state is saved atomically after every batch
+(``OUT.partial.pt`` for one process, ``OUT.shard{r}of{N}.partial.pt`` for rank ``r`` of
+``N``); rerunning the same command resumes every shard where it stopped. Saved state from
+other arguments or another number of processes is refused (``fresh=True`` / ``--fresh``
+deletes it and starts over); the shard files are deleted once the JSON is written.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -168,11 +181,239 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(ts)
 
 
-def run_eval(cfg: EvalConfig, out_json: str | os.PathLike | None = None, log=print) -> dict:
-    """Run the evaluation described by ``cfg``; return (and write) the results dict."""
+# ---------------------------------------------------------------- distributed
+
+# A rank that resumed a finished shard waits in the final gather for the slowest shard:
+# that can be hours on CPU, far past torch's 30-minute default. A crashed rank does not
+# leave the others waiting this long: torchrun stops the whole group when one fails.
+_GATHER_TIMEOUT = timedelta(days=7)
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    backend: str | None = None
+    owned: bool = False  # this run initialised the process group: it destroys it
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owned:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self.owned = False
+
+
+def _env_int(name: str) -> int:
+    text = os.environ[name]
+    try:
+        return int(text)
+    except ValueError:
+        raise UndiscardError(f"environment variable {name} must be an integer; got {text!r}") from None
+
+
+def _init_distributed() -> _Dist:
+    """The process group torchrun describes in the environment (``WORLD_SIZE`` > 1), or one process.
+
+    A group the caller already initialised is used as it is and left open. Backend: gloo,
+    or ``cpu:gloo,cuda:nccl`` where CUDA is available (nccl for CUDA tensors; the object
+    collectives used here stay on gloo, so several ranks may share one GPU).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return _Dist(dist.get_rank(), dist.get_world_size(), str(dist.get_backend()), owned=False)
+    if "WORLD_SIZE" not in os.environ:
+        return _Dist()
+    world = _env_int("WORLD_SIZE")
+    if world < 1:
+        raise UndiscardError(f"WORLD_SIZE must be at least 1; got {world}")
+    if world == 1:
+        return _Dist()
+    launch = ("launch a distributed evaluation with `torchrun --nproc-per-node N -m undiscard eval ...` "
+              "(or `python -m torch.distributed.run ...`), or unset WORLD_SIZE to run one process")
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise UndiscardError(f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: {launch}")
+    rank = _env_int("RANK")
+    if not 0 <= rank < world:
+        raise UndiscardError(f"RANK must be in 0..{world - 1} for WORLD_SIZE={world}; got {rank}: {launch}")
+    if not dist.is_available():
+        raise UndiscardError(f"WORLD_SIZE={world} asks for a distributed run, but this torch build has no torch.distributed")
+    backend = "gloo"
+    if torch.cuda.is_available():
+        backend = "cpu:gloo,cuda:nccl"
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world, timeout=_GATHER_TIMEOUT)
+    return _Dist(rank, world, backend, owned=True)
+
+
+def _agree(d: _Dist, err: str | None) -> None:
+    """Raise ``err`` -- or any other rank's -- on every rank, so that no rank waits for one that gave up."""
+    if d.world > 1:
+        import torch.distributed as dist
+
+        errs: list[str | None] = [None] * d.world
+        dist.all_gather_object(errs, err)
+        err = next((e for e in errs if e), None)
+    if err:
+        raise UndiscardError(err)
+
+
+# ---------------------------------------------------------------- saved state
+
+
+def _partial_path(out: Path, rank: int, world: int) -> Path:
+    return out.with_suffix(".partial.pt") if world == 1 else out.with_suffix(f".shard{rank}of{world}.partial.pt")
+
+
+def _saved_partials(out: Path) -> dict[Path, int]:
+    """Saved partial states of ``out`` -> the number of processes of the run that saved each."""
+    found: dict[Path, int] = {}
+    single = out.with_suffix(".partial.pt")
+    if single.exists():
+        found[single] = 1
+    if out.parent.is_dir():
+        pat = re.compile(re.escape(out.with_suffix("").name) + r"\.shard(\d+)of(\d+)\.partial\.pt")
+        for f in sorted(out.parent.iterdir()):
+            m = pat.fullmatch(f.name)
+            if m:
+                found[f] = int(m.group(2))
+    return found
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_text_atomic(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _config_diff(saved: dict, now: dict) -> str:
+    keys = [k for k in dict.fromkeys([*saved, *now]) if saved.get(k, "<unset>") != now.get(k, "<unset>")]
+    return "; ".join(f"{k}: saved {saved.get(k, '<unset>')!r}, now {now.get(k, '<unset>')!r}" for k in keys)
+
+
+def _load_shard_state(out: Path, d: _Dist, config: dict, batch_size: int, fresh: bool, log) -> dict:
+    """This rank's saved state (or a new one); refuses state saved with other arguments, on every rank."""
+    state: dict[str, Any] = {"version": 2, "config": config, "shard": [d.rank, d.world], "batches": 0, "done": 0,
+                             "index": [], "acc": {}}
+    if fresh:
+        # Every rank deletes what it sees (a node may not share the others' disk), then all wait,
+        # so that no rank's new state is deleted by another.
+        for f in _saved_partials(out):
+            try:
+                f.unlink()
+            except FileNotFoundError:  # another rank was first
+                continue
+            log(f"--fresh: deleted {f}")
+        d.barrier()
+    err = None
+    saved = _saved_partials(out)
+    other = sorted(str(f) for f, w in saved.items() if w != d.world)
+    mine = _partial_path(out, d.rank, d.world)
+    if other:
+        worlds = sorted({saved[Path(f)] for f in other})
+        err = (f"{', '.join(other)}: partial evaluation saved by a run with {' / '.join(map(str, worlds))} process(es); "
+               f"this run has {d.world}. Rerun with the same number of processes to resume it, or add --fresh "
+               f"to delete it and start over")
+    elif mine in saved:
+        try:
+            prev = torch.load(mine, weights_only=False)
+        except Exception as exc:  # a torn file cannot come from the atomic writes, but a copied one could
+            prev, err = None, f"{mine}: unreadable partial evaluation ({exc}); add --fresh to delete it and start over"
+        if prev is not None:
+            if prev.get("config") != config:
+                diff = _config_diff(prev.get("config") or {}, config)
+                err = (f"{mine}: partial evaluation saved with other arguments ({diff}); rerun with the same arguments "
+                       f"to resume it, or add --fresh to delete it and start over")
+            else:
+                if "index" not in prev:  # saved by a single-process run of an earlier version: images 0..done-1
+                    prev["index"] = list(range(prev["done"]))
+                    prev["batches"] = -(-prev["done"] // batch_size)
+                prev.setdefault("shard", [d.rank, d.world])
+                state = prev
+    _agree(d, err)
+    return state
+
+
+def _merge(parts: list[dict], n: int) -> dict[str, _Acc]:
+    """The shards' per-image records put back in image order: the accumulators of one process."""
+    index = [i for p in parts for i in p["index"]]
+    if sorted(index) != list(range(n)):
+        raise UndiscardError(f"internal error: the shards cover {len(index)} image records, "
+                             f"{len(set(index))} distinct, not the {n} images 0..{n - 1}")
+    order = sorted(range(len(index)), key=index.__getitem__)
+    keys = list(dict.fromkeys(k for p in parts for k in p["acc"]))
+    accs: dict[str, _Acc] = {}
+    for k in keys:
+        cols = {}
+        for field_ in ("conf", "correct", "nll"):
+            flat = []
+            for p in parts:
+                if p["index"]:
+                    if k not in p["acc"]:
+                        raise UndiscardError(f"internal error: a shard has no results for {k!r}")
+                    flat += p["acc"][k][field_]
+            cols[field_] = [flat[j] for j in order]
+        accs[k] = _Acc(cols)
+    return accs
+
+
+class _Silent:
+    def update(self, k: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- the evaluation
+
+
+def run_eval(cfg: EvalConfig, out_json: str | os.PathLike | None = None, log=print, *, fresh: bool = False) -> dict | None:
+    """Run the evaluation described by ``cfg``; return (and write) the results dict.
+
+    With ``out_json``, the state is saved after every batch and a rerun resumes it;
+    ``fresh=True`` deletes saved state first. Under torchrun (``WORLD_SIZE`` > 1) the
+    batches are sharded across the ranks: rank 0 returns the merged results (identical to
+    one process's) and writes the file, every other rank returns ``None``.
+    """
+    d = _init_distributed()
+    try:
+        return _run_eval(cfg, Path(out_json) if out_json else None, log, fresh, d)
+    finally:
+        d.close()
+
+
+def _run_eval(cfg: EvalConfig, out_path: Path | None, log, fresh: bool, d: _Dist) -> dict | None:
     from undiscard.method import wrap
     from undiscard.models import load_model
 
+    if d.world > 1:
+        log = (lambda log0: lambda m: log0(f"[rank {d.rank}/{d.world}] {m}"))(log)
+        if d.rank == 0:
+            log(f"{d.world} processes ({d.backend}): batch i of {cfg.batch_size} images on rank i mod {d.world}")
+    config = {k: v for k, v in cfg.__dict__.items()}
+    # saved state first: a refusal should not wait for the model and the data
+    if out_path is not None:
+        state = _load_shard_state(out_path, d, config, cfg.batch_size, fresh, log)
+    else:
+        state = {"batches": 0, "done": 0, "index": [], "acc": {}}
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     loaded = load_model(cfg.model)
@@ -196,14 +437,13 @@ def run_eval(cfg: EvalConfig, out_json: str | os.PathLike | None = None, log=pri
         )
     aggregator = probe.aggregator
     common["aggregator"] = aggregator
-    config = {k: v for k, v in cfg.__dict__.items()}
-    out_path = Path(out_json) if out_json else None
-    state: dict[str, Any] = {"config": config, "done": 0, "acc": {}}
-    if out_path is not None and out_path.with_suffix(".partial.pt").exists():
-        prev = torch.load(out_path.with_suffix(".partial.pt"), weights_only=False)
-        if prev.get("config") == config:
-            state = prev
-            log(f"resuming at image {state['done']}/{n}")
+
+    # ---- this rank's shard: batch i (the batches of one process) on rank i mod world
+    bs = cfg.batch_size
+    batches = list(range(d.rank, -(-n // bs), d.world))
+    shard_n = sum(min(bs, n - i * bs) for i in batches)
+    if state["done"]:
+        log(f"resuming at image {state['done']}/{shard_n}" + (f" of shard {d.rank}" if d.world > 1 else ""))
     accs: dict[str, _Acc] = {k: _Acc(v) for k, v in state["acc"].items()}
 
     def acc(key: str) -> _Acc:
@@ -218,11 +458,13 @@ def run_eval(cfg: EvalConfig, out_json: str | os.PathLike | None = None, log=pri
                 st = full.zero_state()
                 st[j] = k
                 single.append((i, k, st))
-    bar = _progress(n, f"eval {Path(loaded.spec).name}")
+    desc = f"eval {Path(loaded.spec).name}" + (f" (shard 0 of {d.world})" if d.world > 1 else "")
+    bar = _progress(shard_n, desc) if d.rank == 0 else _Silent()
     bar.update(state["done"])
     with torch.no_grad():
-        for s in range(state["done"], n, cfg.batch_size):
-            xb, yb = x[s : s + cfg.batch_size], y[s : s + cfg.batch_size]
+        for bi in batches[state["batches"]:]:
+            s = bi * bs
+            xb, yb = x[s : s + bs], y[s : s + bs]
             acc("plain").add(model(xb), yb)
             for c, w in wrapped.items():
                 found = w.search(xb)
@@ -245,18 +487,31 @@ def run_eval(cfg: EvalConfig, out_json: str | os.PathLike | None = None, log=pri
                 for i, k, st in single:
                     with use_states(model, full, st):
                         acc(f"single|{i}|{k}").add(model(xb), yb)
-            state["done"] = min(n, s + cfg.batch_size)
+            state["batches"] += 1
+            state["done"] += len(yb)
+            state["index"] += range(s, s + len(yb))
             if out_path is not None:
                 state["acc"] = {k: v.state() for k, v in accs.items()}
-                out_path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out_path.with_suffix(".partial.tmp")
-                torch.save(state, tmp)
-                os.replace(tmp, out_path.with_suffix(".partial.pt"))
+                _save_atomic(state, _partial_path(out_path, d.rank, d.world))
             bar.update(len(yb))
     bar.close()
 
-    # ---- cost, side by side in this process
-    log("timing ...")
+    # ---- rank 0 merges every shard's per-image records, in image order
+    shard = {"index": state["index"], "acc": {k: v.state() for k, v in accs.items()}}
+    if d.world > 1:
+        import torch.distributed as dist
+
+        parts: list | None = [None] * d.world if d.rank == 0 else None
+        dist.gather_object(shard, parts, dst=0)
+        if d.rank != 0:
+            return None
+        log(f"gathered the {d.world} shards")
+    else:
+        parts = [shard]
+    accs = _merge(parts, n)
+
+    # ---- cost, side by side in this process (with several processes: rank 0 alone, the others done)
+    log("timing ..." if d.world == 1 else f"timing on rank 0 only (the other {d.world - 1} rank(s) have finished) ...")
     xt = x[: cfg.timing_images]
     t_plain = _median_time(lambda: model(xt), cfg.repeats)
     timing: dict[str, float] = {}
@@ -298,15 +553,22 @@ def run_eval(cfg: EvalConfig, out_json: str | os.PathLike | None = None, log=pri
                   "stride_total": list(sites.stride_total), "names": [s.name for s in sites.sites]},
         "config": config,
         "timing": {"images": nt, "repeats": cfg.repeats, "threads": torch.get_num_threads(),
-                   "plain_ms_per_image": 1000 * t_plain / nt},
+                   "plain_ms_per_image": 1000 * t_plain / nt,
+                   "measured_on": "one process" if d.world == 1 else f"rank 0 of {d.world}, alone after the shards finished"},
+        "processes": d.world,
         "plain": plain,
         "rows": rows,
         "single_states": singles,
         "torch": torch.__version__,
     }
     if out_path is not None:
-        out_path.write_text(json.dumps(result, indent=1) + "\n")
-        out_path.with_suffix(".partial.pt").unlink(missing_ok=True)
+        _write_text_atomic(json.dumps(result, indent=1) + "\n", out_path)
+        # every shard's state (a rank on another node without a shared disk keeps its own: it is
+        # complete, so a rerun of the same command reuses it and ends with the same numbers)
+        for f, w in _saved_partials(out_path).items():
+            if w == d.world:
+                f.unlink(missing_ok=True)
+                f.with_name(f.name + ".tmp").unlink(missing_ok=True)  # left by a rank killed mid-write
     return result
 
 
@@ -323,6 +585,8 @@ def format_table(result: dict) -> str:
     head = (f"{result['model']} on {result['data']} ({result['images']} images); searchable sites "
             f"{result['sites']['searchable']} ({result['sites']['space_size']} states); timing on "
             f"{result['timing']['images']} images, median of {result['config']['repeats']}")
+    if result.get("processes", 1) > 1:
+        head += f"; accuracy from {result['processes']} processes, timing on rank 0 alone"
     out = head + "\n" + _table(["criterion", "aggregate", "B", "top-1 %", "NLL", "ECE %", "ms/img", "x plain"], rows)
     if result["single_states"]:
         srows = [[s["site"], s["site_name"], "x".join(map(str, s["offset"])), "yes" if s["searchable"] else "no",
