@@ -218,6 +218,28 @@ def render() -> str:
         lines.append("")
         lines += st
         lines.append("")
+    pol = [(key, label, load(f"{key}_policy")) for key, label in MODELS]
+    pol = [(k, lab, r) for k, lab, r in pol if r and "target" in r]
+    if pol:
+        import sys as _sys
+
+        _sys.path.insert(0, str(ROOT / "src"))
+        from undiscard.policy import format_study
+
+        st0 = pol[0][2]["settings"]
+        lines.append("**Dataset-level policy vs per-image search** (`bash scripts/policy.sh`, `undiscard fit-policy`): "
+                     f"one ordered state list per search space, fitted greedily on {st0['val_images']} `fashion-mnist:val` "
+                     "images (each step adds the state that most lowers the NLL of the mean of aligned maps), then the "
+                     f"first b states evaluated in one shared-prefix pass on the first {st0['test_images']} test images. "
+                     "Per-image search: entropy criterion, the same mean aggregation. Cells: top-1 (gain) @ time x "
+                     f"plain (median of {st0['repeats']}, {st0['timing_images']} images, interleaved). Spaces name "
+                     "main sites: `last` = the last subsampling site, which per-image search leaves out.")
+        lines.append("")
+        for key, label, r in pol:
+            lines.append(f"*{label}* (plot `results/{key}_policy.png`)")
+            lines.append("")
+            lines += format_study(r).splitlines()
+            lines.append("")
     ab = ablation("timm resnet18")
     if ab:
         lines.append("**Ablations** (the paper's Table on one model).")
