@@ -184,7 +184,10 @@ def render() -> str:
                  "re-renders); do not edit by hand. Backbones from `scripts/train_zoo.sh` (1 epoch each on CPU, "
                  "128x128 input, final map 4x4); aggregators from `undiscard train-aggregator` on 1000 training "
                  "images x 16 states, 10 epochs. Costs were measured while another job ran on the other core: "
-                 "ratios, not absolute times, are the number to read.")
+                 "ratios, not absolute times, are the number to read. The per-model tables below were run before the "
+                 "search kept its prefix cache, i.e. with what is now `--engine rerun` (one forward per state); the "
+                 "accuracies are the same with the default engine (tested equal), its cost is in the benchmark above "
+                 "and in the policy tables below, which were run with it.")
     lines.append("")
     for key, label in MODELS:
         res = load(key)

@@ -181,3 +181,23 @@ def test_a_resumed_pass_computes_only_what_is_new():
         ref = undiscard.run_states(model, x[[0, 1, 0, 1, 1]],
                                    torch.tensor([[0, 0, 0], [0, 0, 0], [0, 0, 3], [0, 0, 1], [2, 0, 0]]), sites)
     assert torch.allclose(torch.cat([first, second, third]), ref, atol=1e-5)
+
+
+def test_an_unknown_engine_is_a_clear_error():
+    model = cached("timm", "resnet18", (("num_classes", 5),))
+    with pytest.raises(undiscard.StateError, match="engine"):
+        undiscard.wrap(model, 2, engine="fast")
+
+
+def test_channels_last_search_equals_the_default_format():
+    model = cached("timm", "resnet18", (("num_classes", 5),))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = undiscard.wrap(model, 5, "entropy", "mean").search(x)
+        cl_model = cached("timm", "resnet18", (("num_classes", 5),)).to(memory_format=torch.channels_last)
+        try:
+            got = undiscard.wrap(cl_model, 5, "entropy", "mean").search(x.contiguous(memory_format=torch.channels_last))
+        finally:
+            cl_model.to(memory_format=torch.contiguous_format)
+    assert torch.equal(ref.states, got.states)
+    assert torch.allclose(ref.features, got.features, atol=1e-4)

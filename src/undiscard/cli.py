@@ -127,7 +127,7 @@ def cmd_eval(args) -> int:
         model=args.model, data=args.data, budgets=budgets_from(args.budget), criteria=criteria, aggregates=aggregates,
         aggregator=args.aggregator, searchable=_parse_searchable(args.searchable), align=not args.no_align,
         limit=args.limit, start=args.start, batch_size=args.batch_size, max_batch=args.max_batch, width=args.width or None, seed=args.seed,
-        timing_images=args.timing_images, repeats=args.repeats, single_states=args.single_states, threads=args.threads,
+        engine=args.engine, timing_images=args.timing_images, repeats=args.repeats, single_states=args.single_states, threads=args.threads,
     )
     result = run_eval(cfg, args.json, log=lambda m: print(m, file=sys.stderr), fresh=args.fresh)
     if result is None:  # a rank other than 0 of a torchrun launch: rank 0 prints and writes
@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=128)
     sp.add_argument("--max-batch", type=int, default=64,
                     help="at most this many image-states per forward (default 64; larger batches are slower per image on CPU)")
+    sp.add_argument("--engine", choices=("trie", "rerun"), default="trie",
+                    help="trie (default): each distinct prefix computed once across the search; rerun: one forward per state")
     sp.add_argument("--width", type=int, default=1,
                     help="states evaluated per image per search step (default 1: the criterion picks each; 0: all neighbours)")
     sp.add_argument("--seed", type=int, default=0)

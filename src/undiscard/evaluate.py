@@ -58,6 +58,7 @@ class EvalConfig:
     start: int = 0
     batch_size: int = 128
     max_batch: int = 64
+    engine: str = "trie"
     width: int | None = 1
     seed: int = 0
     timing_images: int = 32
@@ -427,6 +428,7 @@ def _run_eval(cfg: EvalConfig, out_path: Path | None, log, fresh: bool, d: _Dist
     if needs_agg and not cfg.aggregator:
         raise UndiscardError("aggregate 'attention' and criterion 'learned' need --aggregator PATH (undiscard train-aggregator)")
     common = dict(searchable=cfg.searchable, align=cfg.align, fill=cfg.fill, max_batch=cfg.max_batch, seed=cfg.seed, width=cfg.width,
+                  engine=cfg.engine,
                   aggregator=cfg.aggregator if needs_agg else None)
     probe = wrap(model, budget=1, **common)
     sites = probe.sites_for(x[:1])

@@ -131,6 +131,8 @@ def _expand(x: torch.Tensor, trie: _Trie, j: int, sites: SiteMap, site_index: in
             if y is None:
                 y = part.new_empty((xe.shape[0], *part.shape[1:]))
             y.index_copy_(0, idx, part)
+    if x.dim() == 4 and y.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        y = y.contiguous(memory_format=torch.channels_last)  # keep a channels_last model in channels_last
     setattr(y, _TAG, j)
     return y
 
@@ -166,10 +168,14 @@ class _Pass:
         if j == self.start:
             if getattr(x, _TAG, None) != j - 1:
                 raise _CrossSite((getattr(x, _TAG, None), j - 1))
-            x = torch.stack([self.cache[j][key][c] for key in self._keys(j)])
+            rows = [self.cache[j][key][c] for key in self._keys(j)]
+            x = torch.stack(rows)
+            if x.dim() == 4 and rows[0].dim() == 3 and rows[0].is_contiguous(memory_format=torch.channels_last) \
+                    and not rows[0].is_contiguous():
+                x = x.contiguous(memory_format=torch.channels_last)
             setattr(x, _TAG, j - 1)
         elif self.cache is not None and getattr(x, _TAG, None) == j - 1:
-            rows = x.detach().clone().unbind(0)
+            rows = x.detach().clone(memory_format=torch.preserve_format).unbind(0)
             for key, row in zip(self._keys(j), rows):
                 if c == 0:
                     self.cache[j][key] = [row]
