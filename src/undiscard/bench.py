@@ -360,10 +360,13 @@ def format_markdown(result: dict, with_targets: bool = True) -> str:
         lines.append("")
     opt = result.get("options")
     if opt:
-        lines += [f"Options on {opt['model']} (B={opt['B']}): " + "; ".join(
-            f"{v}: plain {d['plain_s'] * 1000:.0f} ms ({d['plain_x_default']:.2f}x default), ours {d['ours_x_plain']:.2f}x its plain"
+        ours0 = opt["variants"]["default"]["ours_s"]
+        lines += [f"Options on {opt['model']} (B={opt['B']}, one more interleaved run; absolute times differ from the "
+                  "table above by the machine's drift): " + "; ".join(
+            f"{v}: plain {d['plain_s'] * 1000:.0f} ms ({d['plain_x_default']:.2f}x default), ours {d['ours_s'] * 1000:.0f} ms "
+            f"({d['ours_s'] / ours0:.2f}x default ours)"
             for v, d in opt["variants"].items())
-            + (f"; torch.compile took {opt['compile_s']:.0f} s to compile" if "compile_s" in opt else "")
+            + (f"; the compiled model's first call took {opt['compile_s']:.0f} s (inductor cache warm)" if "compile_s" in opt else "")
             + (f"; torch.compile failed: {opt['compile_error']}" if "compile_error" in opt else "") + ".", ""]
     if with_targets:
         lines += ["| target | measured | met |", "|---|---|---|"]

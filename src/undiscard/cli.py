@@ -279,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", default=None, help="write the measurements here")
     sp.add_argument("--plot", default=None, help="write a PNG of time vs B here")
     sp.add_argument("--readme", default=None, help="re-render this README's <!-- bench:start/end --> section")
+    sp.add_argument("--from-json", default=None, help="measure nothing: render a saved --json")
     sp.set_defaults(func=cmd_bench)
     return p
 
@@ -323,11 +324,14 @@ def cmd_bench(args) -> int:
         memory = [(m, int(b), int(n)) for m, b, n in (t.split(":") for t in _csv(args.memory))]
     except ValueError:
         raise UndiscardError(f"--memory wants MODEL:B:BATCH items, e.g. resnet50:32:8; got {args.memory!r}") from None
-    result = bench.run_bench(
-        _csv(args.models), size=args.size, batch=args.batch, budgets=budgets_from(args.budget),
-        repeats=args.repeats, threads=args.threads, channels_last=args.channels_last, memory=memory,
-        options=args.options or None, compile=not args.no_compile,
-    )
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+    else:
+        result = bench.run_bench(
+            _csv(args.models), size=args.size, batch=args.batch, budgets=budgets_from(args.budget),
+            repeats=args.repeats, threads=args.threads, channels_last=args.channels_last, memory=memory,
+            options=args.options or None, compile=not args.no_compile,
+        )
     print(bench.format_markdown(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
