@@ -147,7 +147,14 @@ def policy_cost(u: Undiscard, policy: Policy, x: torch.Tensor, sites: SiteMap, b
             f = sp.align(f, sites.displacement(states[:b]).repeat(x.shape[0], 1), sites.stride_total, u.fill)
         return sp.head(f.reshape(x.shape[0], b, *f.shape[1:]).mean(1))
 
-    fns = {"plain": lambda: u.model(x), **{b: (lambda b=b: run(b)) for b in budgets}}
+    return _ratios_to_plain(lambda: u.model(x), {b: (lambda b=b: run(b)) for b in budgets}, repeats)
+
+
+@torch.no_grad()
+def _ratios_to_plain(plain, fns: dict, repeats: int) -> dict:
+    """Median time of each ``fns[k]`` / median time of ``plain``: one warm-up, then
+    ``repeats`` rounds in which every function runs once (interleaved)."""
+    fns = {"plain": plain, **fns}
     for fn in fns.values():
         fn()
     times: dict = {k: [] for k in fns}
@@ -156,8 +163,8 @@ def policy_cost(u: Undiscard, policy: Policy, x: torch.Tensor, sites: SiteMap, b
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
-    plain = statistics.median(times["plain"])
-    return {b: statistics.median(times[b]) / plain for b in budgets}
+    base = statistics.median(times["plain"])
+    return {k: statistics.median(v) / base for k, v in times.items() if k != "plain"}
 
 
 def pareto_front(points: Sequence[dict]) -> list[dict]:
@@ -235,19 +242,9 @@ def run_study(spec: str, *, spaces: dict[str, list[int]] | None = None, val_imag
                     lg, _ = u.combine(found, b)
                     correct[b - 1] += float((lg.argmax(1) == yt[s : s + batch]).sum())
         wrappers = {b: Undiscard(model, b, "entropy", "mean") for b in cost_budgets if b <= b_max}
-        fns = {"plain": lambda: model(xtime), **{b: (lambda w=w: w(xtime)) for b, w in wrappers.items()}}
-        times: dict = {k: [] for k in fns}
-        with torch.no_grad():
-            for fn in fns.values():
-                fn()
-            for _ in range(repeats):
-                for k, fn in fns.items():
-                    t = time.perf_counter()
-                    fn()
-                    times[k].append(time.perf_counter() - t)
-        plain = statistics.median(times["plain"])
+        cost = _ratios_to_plain(lambda: model(xtime), {b: (lambda w=w: w(xtime)) for b, w in wrappers.items()}, repeats)
         result["search"] = {"test_top1": (100 * correct / yt.shape[0]).tolist(),
-                            "cost": {str(b): statistics.median(times[b]) / plain for b in wrappers}}
+                            "cost": {str(b): c for b, c in cost.items()}}
         if save:
             save(result)
     plain_correct = result["search"]["test_top1"][0]
