@@ -159,15 +159,13 @@ class _Pass:
         j = self.level[site_index]
         c = self.ncall.get(j, 0)
         self.ncall[j] = c + 1
+        if j <= self.start and getattr(x, _TAG, None) != j - 1:
+            raise _CrossSite((getattr(x, _TAG, None), j - 1))
         if j < self.start:  # before the resume point: nothing to compute
-            if getattr(x, _TAG, None) != j - 1:
-                raise _CrossSite((getattr(x, _TAG, None), j - 1))
             y = fn(x, (0,) * len(self.sites.sites[site_index].stride))
             setattr(y, _TAG, j)
             return y
         if j == self.start:
-            if getattr(x, _TAG, None) != j - 1:
-                raise _CrossSite((getattr(x, _TAG, None), j - 1))
             rows = [self.cache[j][key][c] for key in self._keys(j)]
             x = torch.stack(rows)
             if x.dim() == 4 and rows[0].dim() == 3 and rows[0].is_contiguous(memory_format=torch.channels_last) \
