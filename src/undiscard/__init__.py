@@ -12,6 +12,7 @@ Activations at Test-Time", ECCV 2024, arXiv 2410.01083).
 """
 
 from undiscard.aggregator import AttentionAggregator, load_aggregator
+from undiscard.compose import ImageTTA
 from undiscard.engine import run_states, use_states
 from undiscard.errors import (
     InputError,
@@ -32,6 +33,7 @@ __all__ = [
     "use_states",
     "wrap",
     "Undiscard",
+    "ImageTTA",
     "AttentionAggregator",
     "load_aggregator",
     "Site",

@@ -106,6 +106,12 @@ def _csv(text: str) -> list[str]:
 
 
 def cmd_eval(args) -> int:
+    if args.task == "segmentation":
+        from undiscard.seg_eval import cmd_eval_segmentation
+
+        return cmd_eval_segmentation(args)
+    if args.image_tta != "none":
+        return _cmd_eval_image_tta(args)
     from undiscard.evaluate import EvalConfig, format_table, plot, run_eval
     from undiscard.method import AGGREGATES, budgets_from
     from undiscard.search import CRITERIA
@@ -140,6 +146,61 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _tta_config(args, **kw):
+    from undiscard.tta_eval import TTAConfig
+
+    if args.tta_pool < 1 or args.tta_val_images < 1:
+        raise UndiscardError(f"--tta-pool and --tta-val-images must be positive; got {args.tta_pool}, {args.tta_val_images}")
+    data = args.data if ":" in args.data or Path(args.data).expanduser().is_dir() else f"{args.data}:test"
+    crit, agg = _csv(args.criterion), _csv(args.aggregate)
+    return TTAConfig(model=args.model, data=data, val_data=args.tta_val, val_images=args.tta_val_images, limit=args.limit,
+                     start=args.start, pool=args.tta_pool, criterion=crit[0] if crit else "entropy",
+                     aggregate=agg[0] if agg else "entropy", aggregator=args.aggregator,
+                     searchable=_parse_searchable(args.searchable), batch_size=args.batch_size, max_batch=args.max_batch,
+                     seed=args.seed, timing_images=args.timing_images, repeats=args.repeats, threads=args.threads,
+                     cache_dir=args.cache_dir, **kw)
+
+
+def _write_json(result: dict, path: str | None) -> None:
+    if path:
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(out)
+        print(f"wrote {out}", file=sys.stderr)
+
+
+def _cmd_eval_image_tta(args) -> int:
+    from undiscard.method import budgets_from
+    from undiscard.tta_eval import cli_rows, format_tta, run_tta
+
+    if args.image_budget < 1:
+        raise UndiscardError(f"--image-budget must be positive; got {args.image_budget}")
+    for flag, bad in (("--single-states", args.single_states), ("--no-align", args.no_align), ("--plot", args.plot)):
+        if bad:
+            raise UndiscardError(f"{flag} is not available with --image-tta (it applies to the feature-space table)")
+    cfg = _tta_config(args)
+    rows = cli_rows(args.image_tta, args.image_budget, budgets_from(args.budget))
+    result = run_tta(cfg, rows, fresh=args.fresh)
+    print(format_tta(result))
+    _write_json(result, args.json)
+    return 0
+
+
+def cmd_tta_study(args) -> int:
+    from undiscard.method import budgets_from
+    from undiscard.tta_eval import format_tta, run_tta, study_rows
+
+    totals = budgets_from(args.totals)
+    cfg = _tta_config(args)
+    result = run_tta(cfg, study_rows(totals, args.feature_budget), fresh=args.fresh)
+    result["study"] = {"totals": totals, "feature_budget": args.feature_budget}
+    print(format_tta(result))
+    _write_json(result, args.json)
+    return 0
+
+
 def cmd_train_aggregator(args) -> int:
     from undiscard.aggregator import train_aggregator
     from undiscard.evaluate import load_data
@@ -161,6 +222,12 @@ def cmd_train_aggregator(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="undiscard", description="Recover the activations that subsampling layers discard.")
     sub = p.add_subparsers(dest="command", required=True)
+
+    def tta_args(sp):
+        sp.add_argument("--tta-val", default="fashion-mnist:val", help="data the image aggregators are fitted on")
+        sp.add_argument("--tta-val-images", type=int, default=500, help="validation images (default 500)")
+        sp.add_argument("--tta-pool", type=int, default=20, help="candidate views, identity first (default 20)")
+        sp.add_argument("--cache-dir", default="runs/cache", help="where view logits are cached (default runs/cache)")
 
     def model_args(sp):
         sp.add_argument("model", nargs="?", default=DEFAULT_MODEL,
@@ -189,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "across N processes; rank 0 prints and writes the merged numbers, identical "
                                     "to one process's.")
     sp.add_argument("model", help="a checkpoint (.safetensors from train-backbone) or timm:NAME")
+    sp.add_argument("--task", choices=("classification", "segmentation"), default="classification",
+                    help="classification (default: top-1, NLL, ECE) or segmentation (mIoU, pixel accuracy)")
     sp.add_argument("--data", default="fashion-mnist", help="fashion-mnist[:train|val|test] (default test) or an image folder")
     sp.add_argument("--budget", default="1,2,4,8,16", help="budgets B, comma-separated (default 1,2,4,8,16)")
     sp.add_argument("--criterion", default="entropy", help="search criteria, comma-separated: entropy,learned,random,displacement")
@@ -216,7 +285,38 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--fresh", action="store_true",
                     help="delete the saved partial results of --json OUT and start over (needed after changing arguments)")
     sp.add_argument("--plot", default=None, help="write a PNG of accuracy and cost vs budget")
+    tta_args(sp)
+    sp.add_argument("--image-tta", default="none", choices=("none", "flips", "mean", "max", "gps", "augtta", "classtta"),
+                    help="image-space TTA stacked on the method: each view gets B_feat = each --budget states; "
+                         "learned aggregators are fitted on --tta-val (default none: feature space only)")
+    sp.add_argument("--image-budget", type=int, default=4,
+                    help="image views (GPS: picks with replacement; others: the first N of the pool; flips: 2)")
     sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("tta-study", help="image-space TTA baselines without and with recovered activations, at equal B_total",
+                        description="Every image method (mean, max, GPS, AugTTA, ClassTTA, flips) without ours (B_feat=1) "
+                                    "and with ours (B_feat=--feature-budget) at each B_total of --totals; learned "
+                                    "aggregators fitted on --tta-val; logits cached under --cache-dir (a rerun resumes).")
+    sp.add_argument("model", help="a checkpoint (.safetensors from train-backbone) or timm:NAME")
+    sp.add_argument("--data", default="fashion-mnist:test", help="test data (default fashion-mnist:test)")
+    sp.add_argument("--totals", default="10,20", help="B_total values, comma-separated (default 10,20)")
+    sp.add_argument("--feature-budget", type=int, default=5, help="B_feat of the rows with ours (default 5)")
+    sp.add_argument("--criterion", default="entropy", help="feature-space search criterion (default entropy)")
+    sp.add_argument("--aggregate", default="entropy", help="feature-space aggregation (default entropy)")
+    sp.add_argument("--aggregator", default=None, help="trained feature aggregator for attention / learned")
+    sp.add_argument("--searchable", default="inner")
+    sp.add_argument("--limit", type=int, default=1000, help="test images (default 1000)")
+    sp.add_argument("--start", type=int, default=0)
+    sp.add_argument("--batch-size", type=int, default=128)
+    sp.add_argument("--max-batch", type=int, default=64)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--timing-images", type=int, default=32)
+    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--threads", type=int, default=0)
+    sp.add_argument("--json", default=None, help="write the results here")
+    sp.add_argument("--fresh", action="store_true", help="delete the cached logits of these settings first")
+    tta_args(sp)
+    sp.set_defaults(func=cmd_tta_study)
 
     sp = sub.add_parser("train-aggregator", help="train the attention aggregator on a frozen backbone")
     sp.add_argument("model", help="the backbone: a checkpoint or timm:NAME")

@@ -1,0 +1,125 @@
+"""Image-space TTA stacked on recovered activations (issue 5): composition and its evaluation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import cached
+from undiscard.compose import ImageTTA, compose, view_logits
+from undiscard.errors import UndiscardError
+from undiscard.imgtta import fit_image_aggregator, mean_aggregator
+from undiscard.method import Undiscard
+from undiscard.tta import augmentation_pool, flips, transforms_by_names
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def _model():
+    return cached("timm", "resnet18", (("num_classes", 5),))
+
+
+def _x(n=3, size=64):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+def test_composition_with_feature_budget_one_equals_the_image_method_alone_exactly():
+    model, x = _model(), _x()
+    views = augmentation_pool((64, 64), MEAN, STD, n=4)
+    g = torch.Generator().manual_seed(0)
+    val = torch.randn(40, len(views), 5, generator=g)
+    y = torch.randint(0, 5, (40,), generator=g)
+    for agg in (mean_aggregator([t.name for t in views]),
+                fit_image_aggregator("augtta", val, y, [t.name for t in views]),
+                fit_image_aggregator("gps", val, y, [t.name for t in views], budget=3)):
+        with torch.no_grad():
+            got = compose(model, views, agg, feature_budget=1)(x)
+            used = set(agg.used())
+            alone = torch.stack([model(t.augment(x)) if i in used else torch.zeros(3, 5) for i, t in enumerate(views)], 1)
+            want = agg(alone)
+        assert torch.equal(got, want), agg.method
+
+
+def test_composition_runs_each_used_view_through_the_feature_method():
+    model, x = _model(), _x()
+    views = flips()
+    agg = mean_aggregator([t.name for t in views])
+    with torch.no_grad():
+        got = ImageTTA(model, views, agg, feature_budget=3, criterion="entropy", aggregate="mean")(x)
+        u = Undiscard(model, 3, "entropy", "mean")
+        want = agg(torch.stack([u(t.augment(x)) for t in views], 1))
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got, agg(torch.stack([model(t.augment(x)) for t in views], 1)), atol=1e-4)
+
+
+def test_view_logits_budget_one_is_the_plain_model_and_larger_budgets_read_one_search():
+    model, x = _model(), _x(5)
+    view = flips()[1]
+    u = Undiscard(model, 4, "entropy", "entropy")
+    got = view_logits(u, view, x, [1, 2, 4], batch_size=2)
+    with torch.no_grad():
+        assert torch.equal(got[1], torch.cat([model(view.augment(x[s:s + 2])) for s in range(0, 5, 2)]))
+        for b in (2, 4):
+            want = torch.cat([Undiscard(model, b, "entropy", "entropy")(view.augment(x[s:s + 2])) for s in range(0, 5, 2)])
+            assert torch.allclose(got[b], want, atol=1e-5)
+
+
+def test_an_aggregator_fitted_on_other_augmentations_is_refused_with_a_clear_error(tmp_path):
+    model = _model()
+    views = augmentation_pool((64, 64), MEAN, STD, n=4)
+    agg = mean_aggregator([t.name for t in views])
+    with pytest.raises(UndiscardError, match="augmentations"):
+        ImageTTA(model, list(reversed(views)), agg)
+    with pytest.raises(UndiscardError, match="augmentations"):
+        ImageTTA(model, views[:3], agg)
+    # rebuilding the transforms from the saved names gives a composition that runs
+    again = transforms_by_names(agg.names, (64, 64), MEAN, STD)
+    assert [t.name for t in again] == agg.names
+    ImageTTA(model, again, agg)
+
+
+def test_tta_study_cli_writes_a_table_and_reuses_the_cached_logits(tmp_path):
+    out, cache = tmp_path / "t.json", tmp_path / "cache"
+    cmd = [sys.executable, "-m", "undiscard", "tta-study", "zoo/fmnist_resnet18.safetensors", "--totals", "4",
+           "--feature-budget", "2", "--tta-pool", "4", "--tta-val-images", "24", "--limit", "16", "--batch-size", "8",
+           "--timing-images", "2", "--repeats", "1", "--threads", "1", "--cache-dir", str(cache), "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    rows = {(x["method"], x["b_feat"], x["trained_on"]) for x in res["rows"]}
+    for m in ("mean", "max"):
+        assert (m, 1, "-") in rows and (m, 2, "-") in rows
+    for m in ("gps", "augtta", "classtta"):
+        assert {(m, 1, "plain"), (m, 2, "undiscard"), (m, 2, "plain")} <= rows
+    for row in res["rows"]:
+        assert row["b_total"] == row["b_img"] * row["b_feat"] and row["cost"] > 0
+        assert row["b_img"] <= (2 if row["method"] == "flips" else row["image_budget"])
+    mean1 = next(x for x in res["rows"] if x["method"] == "mean" and x["b_feat"] == 1)
+    assert mean1["b_img"] == 4
+    # the rerun computes no view again
+    r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r2.returncode == 0, r2.stderr
+    assert "  view " not in r2.stderr
+    res2 = json.loads(out.read_text())
+    assert [x["top1"] for x in res2["rows"]] == [x["top1"] for x in res["rows"]]
+
+
+def test_eval_image_tta_cli_and_bad_options(tmp_path):
+    base = [sys.executable, "-m", "undiscard", "eval", "zoo/fmnist_resnet18.safetensors", "--limit", "8",
+            "--tta-val-images", "16", "--tta-pool", "4", "--timing-images", "2", "--repeats", "1", "--threads", "1",
+            "--cache-dir", str(tmp_path / "c")]
+    r = subprocess.run(base + ["--image-tta", "gps", "--image-budget", "3", "--budget", "1,2",
+                               "--json", str(tmp_path / "g.json")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "g.json").read_text())
+    assert {(x["b_feat"], x["trained_on"]) for x in res["rows"]} == {(1, "plain"), (2, "undiscard"), (2, "plain")}
+    assert all(len(x["picks"]) == 3 for x in res["rows"])
+    r = subprocess.run(base + ["--image-tta", "augtta", "--image-budget", "9"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "pool" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(base + ["--image-tta", "mean", "--single-states"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "--single-states" in r.stderr
