@@ -314,11 +314,12 @@ def fashion_mnist_canvas(
     layout = canvas_layout(split, torch.arange(lo, hi), size, items, n_items=images.shape[0])
     canvas, y = render_canvases(images, labels, layout, size)
     x = canvas.unsqueeze(1).float()
-    if normalize:  # (x / 255 - mean) / std in two in-place passes
-        x.mul_(1.0 / (255.0 * SEG_STD)).sub_(SEG_MEAN / SEG_STD)
-    else:
-        x.div_(255.0)
-    return x, y
+    return (_normalize_(x) if normalize else x.div_(255.0)), y
+
+
+def _normalize_(x: torch.Tensor) -> torch.Tensor:
+    """Raw pixel values 0..255 -> ``(x / 255 - SEG_MEAN) / SEG_STD``, in place (two passes)."""
+    return x.mul_(1.0 / (255.0 * SEG_STD)).sub_(SEG_MEAN / SEG_STD)
 
 
 class CanvasSegmentation(Dataset):
@@ -359,7 +360,7 @@ class CanvasSegmentation(Dataset):
         i = self.start + (index % n)
         layout = canvas_layout(self.split, [i], self.size, self.items, n_items=self.images.shape[0])
         canvas, y = render_canvases(self.images, self.labels, layout, self.size)
-        x = canvas.float().div_(255.0).sub_(SEG_MEAN).div_(SEG_STD)  # (1, S, S)
+        x = _normalize_(canvas.float())  # (1, S, S)
         y = y[0]
         if self.train and bool(torch.rand(()) < 0.5):
             x, y = x.flip(-1), y.flip(-1)
