@@ -32,16 +32,16 @@ class ImageTTA(nn.Module):
         model: the classifier (eval mode).
         transforms: the :class:`undiscard.tta.ImageTransform` list the aggregator was built
             with, in its order (checked by name).
-        aggregator: an :class:`undiscard.imgtta.ImageAggregator`; ``None``: the mean of
+        image_aggregator: an :class:`undiscard.imgtta.ImageAggregator`; ``None``: the mean of
             probabilities over ``transforms``.
         feature_budget: ``B_feat``, states per view (1 = the plain model on every view).
         **wrap_kwargs: passed to :class:`undiscard.method.Undiscard` (``criterion``,
-            ``aggregate``, ``aggregator`` for the feature space, ``searchable``, ...).
+            ``aggregate``, ``aggregator`` (the feature-space one), ``searchable``, ...).
 
     ``forward(x)`` returns log-probabilities ``(N, K)``.
     """
 
-    def __init__(self, model: nn.Module, transforms: Sequence[Any], aggregator: Any = None,
+    def __init__(self, model: nn.Module, transforms: Sequence[Any], image_aggregator: Any = None,
                  feature_budget: int = 1, **wrap_kwargs: Any) -> None:
         super().__init__()
         from undiscard.imgtta import ImageAggregator, mean_aggregator
@@ -50,6 +50,7 @@ class ImageTTA(nn.Module):
         if not transforms:
             raise InputError("image TTA needs at least one transform (identity first)")
         names = [t.name for t in transforms]
+        aggregator = image_aggregator
         if aggregator is None:
             aggregator = mean_aggregator(names)
         if not isinstance(aggregator, ImageAggregator):
@@ -84,11 +85,11 @@ class ImageTTA(nn.Module):
         return self.image_aggregator(stacked)
 
 
-def compose(model: nn.Module, transforms: Sequence[Any], aggregator: Any = None, feature_budget: int = 1,
+def compose(model: nn.Module, transforms: Sequence[Any], image_aggregator: Any = None, feature_budget: int = 1,
             **wrap_kwargs: Any) -> ImageTTA:
-    """Image-space TTA (``transforms`` + ``aggregator``) stacked on ``feature_budget``
+    """Image-space TTA (``transforms`` + ``image_aggregator``) stacked on ``feature_budget``
     recovered states per view; see :class:`ImageTTA`."""
-    return ImageTTA(model, transforms, aggregator, feature_budget, **wrap_kwargs)
+    return ImageTTA(model, transforms, image_aggregator, feature_budget, **wrap_kwargs)
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +288,7 @@ def run_tta(cfg: TTAConfig, rows: list[Row], *, log=_log, save=None, fresh: bool
         for k in ks:
             out_rows[k]["cost"] = ratios[key]
             out_rows[k]["ms_per_image"] = 1000 * plain_t * ratios[key] / xtime.shape[0]
+    result: dict = {"settings": settings}
     result.update(model=loaded.spec, data=test_name, val=val_name, images=int(len(yt)), val_images=int(len(yv)),
                   input_size=list(loaded.input_size), space_size=space,
                   plain={**plain, "ms_per_image": 1000 * plain_t / xtime.shape[0], "cost": 1.0},
