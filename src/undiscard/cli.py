@@ -350,6 +350,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX files")
     sp.set_defaults(func=cmd_train_backbone)
 
+    sp = sub.add_parser("train-segmenter", help="train deeplabv3-tiny or segformer-tiny on fashion-mnist-seg (seeded, resumable)")
+    sp.add_argument("arch", choices=("deeplabv3-tiny", "segformer-tiny"))
+    sp.add_argument("--out", required=True, help="output .safetensors path (a JSON summary is written beside it)")
+    sp.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the shipped recipe's)")
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the shipped recipe's)")
+    sp.add_argument("--size", type=int, default=96, help="canvas side in pixels (default 96)")
+    sp.add_argument("--val-images", type=int, default=500, help="fashion-mnist-seg:val canvases for the final mIoU")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    sp.add_argument("--fp32", action="store_true", help="store float32 weights (default float16)")
+    sp.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX files")
+    sp.set_defaults(func=cmd_train_segmenter)
+
     sp = sub.add_parser("fit-policy", help="fit dataset-level state lists on the val split; compare with per-image search")
     sp.add_argument("model", help="a checkpoint (.safetensors) trained on Fashion-MNIST")
     sp.add_argument("--val-images", type=int, default=500, help="fashion-mnist:val images the policy is fitted on")
@@ -382,6 +396,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--from-json", default=None, help="measure nothing: render a saved --json")
     sp.set_defaults(func=cmd_bench)
     return p
+
+
+def cmd_train_segmenter(args) -> int:
+    from undiscard.segtrain import SegRecipe, train_segmenter
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = SegRecipe.for_arch(args.arch, steps=args.steps, lr=args.lr, batch_size=args.batch_size, size=args.size,
+                                seed=args.seed, val_images=args.val_images)
+    train_segmenter(recipe, args.out, root=args.data_root, half=not args.fp32, log=lambda m: print(m, file=sys.stderr))
+    return 0
 
 
 def cmd_fit_policy(args) -> int:

@@ -1,0 +1,498 @@
+"""``undiscard eval --task segmentation``: mIoU, pixel accuracy and cost of the method vs the plain model.
+
+Per batch: the plain model's logits at input resolution, then ONE search per criterion
+at the largest budget; every smaller budget is read off the same search (a smaller
+budget's states are the first states of a larger one's, :func:`undiscard.search.greedy_search`),
+aggregated with each ``--aggregate`` and scored with a confusion matrix
+(:class:`undiscard.segdata.SegMetrics`: mIoU over the classes present, pixel accuracy;
+``ignore_index`` pixels not counted), kept per image so that a paired bootstrap over the
+images gives a 95% interval of each configuration's mIoU gain over the plain model. The cost is measured separately, side by side in
+the same process: on ``--timing-images`` images, the plain forward and the full method
+(search + aggregation, nothing shared between budgets) at each budget, median of
+``--repeats``, reported as ms/image and as a ratio to the plain forward.
+
+Resuming: with ``--json OUT`` the confusion matrices are saved atomically after every
+batch (``OUT.partial.pt``); rerunning the same command resumes where it stopped. State
+saved with other arguments is refused (``--fresh`` deletes it and starts over); it is
+deleted once the JSON is written.
+
+The figure (``--plot OUT.png``): the first few evaluated images (not picked), their
+ground truth, the plain model's prediction and the aggregated prediction at the largest
+budget side by side, and mIoU vs budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from undiscard.errors import UndiscardError
+
+__all__ = ["SegEvalConfig", "cmd_eval_segmentation", "format_seg_table", "plot_segmentation", "run_seg_eval"]
+
+FIGURE_IMAGES = 4
+
+
+@dataclass
+class SegEvalConfig:
+    model: str
+    data: str = "fashion-mnist-seg:test"
+    budgets: list[int] = field(default_factory=lambda: [1, 4, 10])
+    criteria: list[str] = field(default_factory=lambda: ["entropy"])
+    aggregates: list[str] = field(default_factory=lambda: ["mean", "entropy"])
+    searchable: Any = "inner"
+    limit: int | None = None
+    start: int = 0
+    batch_size: int = 32
+    max_batch: int = 64
+    engine: str = "trie"
+    width: int | None = 1
+    seed: int = 0
+    timing_images: int = 16
+    repeats: int = 3
+    threads: int = 0
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up (and the sites of this input size)
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def _fixed_weights(spec: str) -> bool:
+    """Specs whose class count is fixed by their weights (a checkpoint, a transformers model)."""
+    p = Path(os.path.expanduser(spec))
+    return spec.startswith("transformers:") or p.is_file() or p.is_dir()
+
+
+def _data_size(spec: str, data: str, loaded) -> int | None:
+    if data.partition(":")[0] == "fashion-mnist-seg":
+        # a checkpoint trained on canvases says its size; anything else gets the default canvas
+        return int(loaded.input_size[1]) if loaded is not None and _fixed_weights(spec) else None
+    return None  # folder sets: the files' own size (all selected images must share it)
+
+
+def load_model_and_data(cfg: SegEvalConfig, log=print):
+    """The model (sized to the data for random-weight builds) and ``(x, y, name, K, ignore)``."""
+    from undiscard.segdata import load_segmentation
+    from undiscard.segmodels import load_segmenter
+
+    notes: list[str] = []
+    loaded = load_segmenter(cfg.model) if _fixed_weights(cfg.model) else None
+    x, y, name, k, ignore = load_segmentation(cfg.data, _data_size(cfg.model, cfg.data, loaded), cfg.limit, cfg.start)
+    if loaded is None:  # random weights, drawn from cfg.seed: a resumed run continues with the same model
+        c = None if cfg.model.startswith("torchvision:") else int(x.shape[1])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            loaded = load_segmenter(cfg.model, num_classes=k, in_chans=c)
+        notes.append(f"random weights drawn with seed {cfg.seed}")
+    if loaded.num_classes != k:
+        raise UndiscardError(f"{cfg.model} predicts {loaded.num_classes} classes but {name} has {k}: evaluate a model "
+                             f"trained on this data set")
+    want_c = int(loaded.input_size[0])
+    if x.shape[1] != want_c:
+        if x.shape[1] == 1 and want_c == 3:
+            x = x.expand(-1, 3, -1, -1).contiguous()
+            notes.append("gray images repeated to 3 channels for this model")
+        else:
+            raise UndiscardError(f"{cfg.model} takes {want_c}-channel images; {name} has {x.shape[1]}")
+    return loaded, x, y, name, k, ignore, notes
+
+
+# ---------------------------------------------------------------- the evaluation
+
+def run_seg_eval(cfg: SegEvalConfig, out_json: str | os.PathLike | None = None, log=print, *,
+                 fresh: bool = False, figure: str | os.PathLike | None = None) -> dict:
+    """Run the evaluation described by ``cfg``; return (and write) the results dict."""
+    from undiscard.evaluate import _config_diff, _progress, _save_atomic, _write_text_atomic
+    from undiscard.segdata import SegMetrics
+    from undiscard.segment import dense_logits, wrap_segmentation
+    from undiscard.segmodels import parameter_count
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise UndiscardError("segmentation evaluation runs in one process; launch it without torchrun (unset WORLD_SIZE)")
+    out_path = Path(out_json) if out_json else None
+    config = dict(cfg.__dict__)
+    partial = out_path.with_suffix(".partial.pt") if out_path is not None else None
+    state: dict[str, Any] = {"version": 1, "config": config, "batches": 0, "done": 0, "confusion": {}}
+    # saved state first: a refusal should not wait for the model and the data
+    if partial is not None:
+        if fresh and partial.exists():
+            partial.unlink()
+            log(f"--fresh: deleted {partial}")
+        if partial.exists():
+            try:
+                prev = torch.load(partial, weights_only=False)
+            except Exception as exc:
+                raise UndiscardError(f"{partial}: unreadable partial evaluation ({exc}); add --fresh to start over") from exc
+            if prev.get("config") != config:
+                raise UndiscardError(f"{partial}: partial evaluation saved with other arguments "
+                                     f"({_config_diff(prev.get('config') or {}, config)}); rerun with the same arguments "
+                                     "to resume it, or add --fresh to delete it and start over")
+            state = prev
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    loaded, x, y, data_name, k, ignore, notes = load_model_and_data(cfg, log)
+    model = loaded.model
+    n = x.shape[0]
+    if n == 0:
+        raise UndiscardError(f"no images to evaluate in {cfg.data} (start {cfg.start}, limit {cfg.limit})")
+    bmax = max(cfg.budgets)
+    common = dict(searchable=cfg.searchable, max_batch=cfg.max_batch, engine=cfg.engine, seed=cfg.seed, width=cfg.width)
+    probe = wrap_segmentation(model, budget=1, **common)
+    sites = probe.sites_for(x[:1])
+    if bmax > sites.space_size:
+        raise UndiscardError(f"budget {bmax} exceeds the search space of {sites.space_size} states (searchable sites "
+                             f"{list(sites.searchable)}); lower --budget or use --searchable main/all")
+    # per-image confusion matrices (int64 (n, K, K) per configuration): the totals give mIoU, and
+    # resampling the images gives the bootstrap interval of each configuration's gain over the plain model
+    confusion: dict[str, list[torch.Tensor]] = {key: [v] for key, v in state["confusion"].items()}
+
+    def count(key: str, pred: torch.Tensor, target: torch.Tensor) -> None:
+        confusion.setdefault(key, []).append(per_image_confusion(pred, target, k, ignore))
+
+    wrapped = {c: wrap_segmentation(model, budget=bmax, criterion=c, aggregate=cfg.aggregates[0], **common)
+               for c in cfg.criteria}
+    # A decoder that fuses maps from both sides of a searched site (SegFormer, U-Net): the skips are
+    # aligned at the fusion; the same search without that alignment is reported beside it (ablation).
+    with torch.no_grad():
+        probe2 = wrap_segmentation(model, budget=min(2, sites.space_size), **common)
+        probe2.search(x[:1])
+    fused = probe2.last_out_level is not None and probe2.last_out_level < len(sites.searchable)
+    unaligned = ({c: wrap_segmentation(model, budget=bmax, criterion=c, aggregate=cfg.aggregates[0], align_skips=False,
+                                       **common) for c in cfg.criteria} if fused else {})
+    engines: set[str] = set(state.get("engines", []))
+    bs = cfg.batch_size
+    if state["done"]:
+        log(f"resuming at image {state['done']}/{n}")
+    bar = _progress(n, f"eval {Path(loaded.spec).name}")
+    bar.update(state["done"])
+    with torch.no_grad():
+        for s in range(state["batches"] * bs, n, bs):
+            xb, yb = x[s : s + bs], y[s : s + bs]
+            count("plain", dense_logits(model, xb).argmax(1), yb)
+            for c, w in wrapped.items():
+                found = w.search(xb)
+                engines.add(w.last_engine)
+                for b in cfg.budgets:
+                    for a in cfg.aggregates:
+                        count(f"{c}|{a}|{b}", w.combine(found, b, a).argmax(1), yb)
+            for c, w in unaligned.items():
+                found = w.search(xb)
+                for b in cfg.budgets:
+                    if b > 1:
+                        for a in cfg.aggregates:
+                            count(f"{c}|{a}|{b}|skips-unaligned", w.combine(found, b, a).argmax(1), yb)
+            state["batches"] += 1
+            state["done"] += len(yb)
+            if partial is not None:
+                state["confusion"] = {key: torch.cat(v) for key, v in confusion.items()}
+                state["engines"] = sorted(engines)
+                _save_atomic(state, partial)
+            bar.update(len(yb))
+    bar.close()
+    per_image = {key: torch.cat(v) for key, v in confusion.items()}
+
+    # ---- cost, side by side in this process
+    log("timing ...")
+    xt = x[: cfg.timing_images]
+    nt = xt.shape[0]
+    with torch.no_grad():
+        t_plain = _median_time(lambda: dense_logits(model, xt), cfg.repeats)
+        timing: dict[str, float] = {}
+        for c in cfg.criteria:
+            for b in cfg.budgets:
+                for a in cfg.aggregates:
+                    w = wrap_segmentation(model, budget=b, criterion=c, aggregate=a, **common)
+                    timing[f"{c}|{a}|{b}"] = _median_time(lambda: w(xt), cfg.repeats)
+
+    def summary(key: str) -> dict:
+        m = SegMetrics.from_state({"num_classes": k, "ignore_index": ignore, "confusion": per_image[key].sum(0)})
+        iou = m.per_class_iou()
+        return {"miou": 100.0 * m.miou(), "pixel_accuracy": 100.0 * m.pixel_accuracy(),
+                "per_class_iou": [None if v != v else round(100.0 * float(v), 3) for v in iou.tolist()]}
+
+    plain = summary("plain")
+    plain.update(ms_per_image=1000 * t_plain / nt, time_ratio=1.0)
+    rows = []
+    for c in cfg.criteria:
+        for a in cfg.aggregates:
+            for b in cfg.budgets:
+                key = f"{c}|{a}|{b}"
+                r = summary(key)
+                t = timing[key]
+                lo, hi = bootstrap_gain(per_image[key], per_image["plain"], seed=cfg.seed)
+                r.update(criterion=c, aggregate=a, budget=b, miou_gain=r["miou"] - plain["miou"],
+                         miou_gain_ci95=[lo, hi], ms_per_image=1000 * t / nt, time_ratio=t / t_plain,
+                         align_skips=True)
+                rows.append(r)
+    ablation = []
+    for c in unaligned:
+        for a in cfg.aggregates:
+            for b in cfg.budgets:
+                key = f"{c}|{a}|{b}|skips-unaligned"
+                if key not in per_image:
+                    continue
+                r = summary(key)
+                lo, hi = bootstrap_gain(per_image[key], per_image["plain"], seed=cfg.seed)
+                r.update(criterion=c, aggregate=a, budget=b, miou_gain=r["miou"] - plain["miou"],
+                         miou_gain_ci95=[lo, hi], align_skips=False)
+                ablation.append(r)
+    classes = None
+    if data_name.startswith("fashion-mnist-seg"):
+        from undiscard.segdata import SEG_CLASSES
+
+        classes = list(SEG_CLASSES)
+    result = {
+        "task": "segmentation",
+        "model": loaded.spec,
+        "model_note": loaded.note,
+        "parameters": parameter_count(model),
+        "data": data_name,
+        "images": n,
+        "start": cfg.start,
+        "input_size": list(x.shape[1:]),
+        "num_classes": k,
+        "ignore_index": ignore,
+        "classes": classes,
+        "notes": notes,
+        "sites": {"searchable": list(sites.searchable), "space_size": sites.space_size,
+                  "stride_total": list(sites.stride_total), "names": [s.name for s in sites.sites]},
+        "engine": sorted(engines),
+        "alignment": "logits upsampled bilinearly to the input, shifted by +Delta px; border pixels a state does "
+                     "not cover are excluded for that state",
+        "config": config,
+        "bootstrap": "miou_gain_ci95: 95% interval of the mIoU gain over the plain model, 1000 resamples of the "
+                     "images (paired, percentile)",
+        "timing": {"images": nt, "repeats": cfg.repeats, "threads": torch.get_num_threads(),
+                   "plain_ms_per_image": 1000 * t_plain / nt},
+        "plain": plain,
+        "rows": rows,
+        "skips": {"fused_across_sites": fused, "output_level": probe2.last_out_level,
+                  "note": "a decoder fuses maps from both sides of a searched site: the deeper maps are shifted onto the "
+                          "shallower grid at the fusion (rows); skips_unaligned: the same search without that, output "
+                          "shifted by the full Delta" if fused else "no fusion across searched sites"},
+        "skips_unaligned": ablation,
+        "torch": torch.__version__,
+    }
+    if figure is not None:
+        samples = figure_samples(model, x, y, result, common)
+        result["figure"] = {"path": str(figure), "images": list(range(samples["x"].shape[0])),
+                            "criterion": samples["criterion"], "aggregate": samples["aggregate"], "budget": bmax}
+        plot_segmentation(result, samples, figure)
+    if out_path is not None:
+        _write_text_atomic(json.dumps(result, indent=1) + "\n", out_path)
+        partial.unlink(missing_ok=True)
+        partial.with_name(partial.name + ".tmp").unlink(missing_ok=True)
+    return result
+
+
+def per_image_confusion(pred: torch.Tensor, target: torch.Tensor, k: int, ignore: int) -> torch.Tensor:
+    """int64 ``(N, K, K)``: ``[i, t, p]`` counts pixels of image ``i`` with target ``t`` predicted ``p``
+    (pixels whose target is ``ignore`` not counted; the same counts as :class:`SegMetrics`)."""
+    n = pred.shape[0]
+    t, p = target.reshape(n, -1).long(), pred.reshape(n, -1).long()
+    keep = t != ignore
+    if bool(((t < 0) | (t >= k))[keep].any()):
+        raise UndiscardError(f"targets hold values outside 0..{k - 1} that are not ignore_index={ignore}")
+    img = torch.arange(n)[:, None].expand_as(t)
+    idx = (img * k * k + t.clamp(0, k - 1) * k + p)[keep]
+    return torch.bincount(idx, minlength=n * k * k).reshape(n, k, k)
+
+
+def _miou_batch(conf: torch.Tensor) -> torch.Tensor:
+    """``(R, K, K)`` confusion matrices -> ``(R,)`` mIoU in % over the classes present (as SegMetrics)."""
+    tp = conf.diagonal(dim1=1, dim2=2)
+    union = conf.sum(1) + conf.sum(2) - tp
+    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.zeros_like(tp))
+    return 100.0 * iou.sum(1) / (union > 0).sum(1).clamp_min(1)
+
+
+def bootstrap_gain(method: torch.Tensor, plain: torch.Tensor, *, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of ``mIoU(method) - mIoU(plain)`` over images drawn with replacement (paired).
+
+    Args:
+        method, plain: per-image confusion matrices ``(N, K, K)`` of the same images.
+    """
+    n, k = plain.shape[0], plain.shape[-1]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(n, (resamples, n), generator=g)
+    w = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(resamples, n, dtype=torch.float64))
+    gain = (_miou_batch((w @ method.reshape(n, -1).double()).reshape(-1, k, k))
+            - _miou_batch((w @ plain.reshape(n, -1).double()).reshape(-1, k, k)))
+    lo, hi = torch.quantile(gain, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
+def best_aggregate(result: dict, criterion: str | None = None) -> tuple[str, str]:
+    """``(criterion, aggregate)`` with the highest mIoU at the largest budget."""
+    bmax = max(r["budget"] for r in result["rows"])
+    rows = [r for r in result["rows"] if r["budget"] == bmax and (criterion is None or r["criterion"] == criterion)]
+    best = max(rows, key=lambda r: r["miou"])
+    return best["criterion"], best["aggregate"]
+
+
+@torch.no_grad()
+def figure_samples(model, x: torch.Tensor, y: torch.Tensor, result: dict, common: dict, count: int = FIGURE_IMAGES) -> dict:
+    """Inputs, ground truth, plain and aggregated (B = max) predictions of the first ``count`` images."""
+    from undiscard.segment import dense_logits, wrap_segmentation
+
+    c, a = best_aggregate(result)
+    bmax = max(r["budget"] for r in result["rows"])
+    xs, ys = x[:count], y[:count]
+    w = wrap_segmentation(model, budget=bmax, criterion=c, aggregate=a, **common)
+    return {"x": xs, "y": ys, "plain": dense_logits(model, xs).argmax(1), "ours": w(xs).argmax(1),
+            "criterion": c, "aggregate": a}
+
+
+def _class_colours(k: int):
+    import matplotlib
+
+    base = matplotlib.colormaps["tab20"] if k <= 20 else matplotlib.colormaps["hsv"]
+    cols = [(0.0, 0.0, 0.0, 1.0)] + [base(i / max(1, (20 if k <= 20 else k) - 1)) for i in range(k - 1)]
+    return cols
+
+
+def plot_segmentation(result: dict, samples: dict, path: str | os.PathLike) -> Path:
+    """Input | ground truth | plain | ours (B = max) per row, and mIoU vs budget on the right."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+        from matplotlib.patches import Patch
+    except ImportError as exc:
+        raise UndiscardError(f"--plot needs matplotlib ({exc}); pip install 'undiscard[plot]'") from exc
+    k, ignore = result["num_classes"], result["ignore_index"]
+    cols = _class_colours(k)
+    cmap = ListedColormap(cols + [(0.6, 0.6, 0.6, 1.0)])  # the last colour: ignored pixels
+
+    def show(label: torch.Tensor):
+        lab = label.clone()
+        lab[lab == ignore] = k
+        return lab.numpy()
+
+    n = samples["x"].shape[0]
+    bmax = max(r["budget"] for r in result["rows"])
+    fig = plt.figure(figsize=(13, 2.6 * n + 0.6))
+    gs = fig.add_gridspec(n, 6, width_ratios=[1, 1, 1, 1, 0.15, 2.2])
+    titles = ["input", "ground truth", "plain (B=1)", f"ours (B={bmax}, {samples['aggregate']})"]
+    for i in range(n):
+        img = samples["x"][i].float()
+        img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-6)
+        panels = [img.permute(1, 2, 0).numpy() if img.shape[0] == 3 else img[0].numpy(),
+                  show(samples["y"][i]), show(samples["plain"][i]), show(samples["ours"][i])]
+        for j, p in enumerate(panels):
+            ax = fig.add_subplot(gs[i, j])
+            if j == 0:
+                ax.imshow(p, cmap=None if p.ndim == 3 else "gray", interpolation="nearest")
+            else:
+                ax.imshow(p, cmap=cmap, vmin=0, vmax=k, interpolation="nearest")
+            if j >= 2:
+                valid = samples["y"][i] != ignore
+                acc = float((samples["plain" if j == 2 else "ours"][i] == samples["y"][i])[valid].float().mean() * 100)
+                ax.set_xlabel(f"pixel acc {acc:.1f}%", fontsize=8)
+            if i == 0:
+                ax.set_title(titles[j], fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    ax = fig.add_subplot(gs[:, 5])
+    p = result["plain"]
+    for c, a in sorted({(r["criterion"], r["aggregate"]) for r in result["rows"]}):
+        rs = sorted((r for r in result["rows"] if r["criterion"] == c and r["aggregate"] == a), key=lambda r: r["budget"])
+        ax.plot([r["budget"] for r in rs], [r["miou"] for r in rs], marker="o", label=f"{c} / {a}")
+    ax.axhline(p["miou"], color="k", ls="--", lw=1, label="plain")
+    ax.set_xticks(sorted({r["budget"] for r in result["rows"]}))
+    ax.set_xlabel("budget B (states per image)")
+    ax.set_ylabel("mIoU %")
+    ax.legend(fontsize=8)
+    if result.get("classes"):
+        handles = [Patch(color=cols[i], label=name) for i, name in enumerate(result["classes"])]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
+    fig.suptitle(f"{Path(result['model']).name} on {result['data']} ({result['images']} images): first "
+                 f"{n} images, not picked", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 if result.get("classes") else 0, 1, 0.97))
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def format_seg_table(result: dict) -> str:
+    from undiscard.cli import _table
+
+    p = result["plain"]
+    rows = [["plain", "-", 1, f"{p['miou']:.2f}", "-", f"{p['pixel_accuracy']:.2f}", f"{p['ms_per_image']:.2f}", "1.00"]]
+    for r in result["rows"]:
+        lo, hi = r["miou_gain_ci95"]
+        rows.append([r["criterion"], r["aggregate"], r["budget"], f"{r['miou']:.2f}",
+                     f"{r['miou_gain']:+.2f} [{lo:+.2f}, {hi:+.2f}]", f"{r['pixel_accuracy']:.2f}",
+                     f"{r['ms_per_image']:.2f}", f"{r['time_ratio']:.2f}"])
+    for r in result.get("skips_unaligned", []):
+        lo, hi = r["miou_gain_ci95"]
+        rows.append([r["criterion"], r["aggregate"] + " (skips unaligned)", r["budget"], f"{r['miou']:.2f}",
+                     f"{r['miou_gain']:+.2f} [{lo:+.2f}, {hi:+.2f}]", f"{r['pixel_accuracy']:.2f}", "-", "-"])
+    head = (f"{result['model']} on {result['data']} ({result['images']} images, {result['num_classes']} classes); "
+            f"searchable sites {result['sites']['searchable']} ({result['sites']['space_size']} states; engine "
+            f"{', '.join(result['engine'])}); timing on {result['timing']['images']} images, median of "
+            f"{result['timing']['repeats']}")
+    return head + "\n" + _table(["criterion", "aggregate", "B", "mIoU %", "gain [95% CI]", "pixel acc %", "ms/img", "x plain"], rows)
+
+
+# ---------------------------------------------------------------- command line
+
+def cmd_eval_segmentation(args) -> int:
+    """``undiscard eval MODEL --task segmentation ...`` (the options of ``undiscard eval``)."""
+    from undiscard.cli import _csv, _parse_searchable
+    from undiscard.method import budgets_from
+    from undiscard.segment import SEG_AGGREGATES, SEG_CRITERIA
+
+    wrong = [opt for opt, given in (("--single-states", args.single_states), ("--aggregator", args.aggregator),
+                                    ("--no-align", args.no_align)) if given]
+    if wrong:
+        raise UndiscardError(f"{', '.join(wrong)} {'is a classification option' if len(wrong) == 1 else 'are classification options'}"
+                             "; --task segmentation aligns every state at input resolution and aggregates with "
+                             f"{' / '.join(SEG_AGGREGATES)}")
+    criteria, aggregates = _csv(args.criterion), _csv(args.aggregate)
+    for c in criteria:
+        if c not in SEG_CRITERIA:
+            raise UndiscardError(f"--criterion takes {', '.join(SEG_CRITERIA)} with --task segmentation; got {c!r}")
+    for a in aggregates:
+        if a not in SEG_AGGREGATES:
+            raise UndiscardError(f"--aggregate takes {', '.join(SEG_AGGREGATES)} with --task segmentation; got {a!r}")
+    if not criteria or not aggregates:
+        raise UndiscardError("--criterion and --aggregate need at least one value each")
+    if args.limit is not None and args.limit < 1:
+        raise UndiscardError(f"--limit must be positive; got {args.limit}")
+    if args.width < 0:
+        raise UndiscardError(f"--width must be >= 0 (0 = all neighbours); got {args.width}")
+    if args.batch_size < 1 or args.max_batch < 1 or args.timing_images < 1 or args.repeats < 1:
+        raise UndiscardError("--batch-size, --max-batch, --timing-images and --repeats must be positive")
+    data = args.data if args.data != "fashion-mnist" else "fashion-mnist-seg:test"  # the classification default
+    cfg = SegEvalConfig(
+        model=args.model, data=data, budgets=budgets_from(args.budget), criteria=criteria, aggregates=aggregates,
+        searchable=_parse_searchable(args.searchable), limit=args.limit, start=args.start, batch_size=args.batch_size,
+        max_batch=args.max_batch, engine=args.engine, width=args.width or None, seed=args.seed,
+        timing_images=args.timing_images, repeats=args.repeats, threads=args.threads,
+    )
+    result = run_seg_eval(cfg, args.json, log=lambda m: print(m, file=sys.stderr), fresh=args.fresh, figure=args.plot)
+    print(format_seg_table(result))
+    if args.json:
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
