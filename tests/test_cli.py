@@ -92,3 +92,13 @@ def test_input_too_small_is_a_clear_error_not_a_traceback(capsys):
 def test_bad_searchable_is_a_clear_error(capsys):
     assert main(["sites", "timm:resnet18", "--input-size", "3", "64", "64", "--searchable", "1,9"]) == 2
     assert "site indices [9] out of range" in capsys.readouterr().err
+
+
+def test_sites_and_check_accept_a_segmentation_checkpoint():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "undiscard", "sites", "zoo/fmnist_seg_deeplabv3.safetensors"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "4 sites, 2 searchable, search space 16 states" in r.stdout

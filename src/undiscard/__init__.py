@@ -23,6 +23,7 @@ from undiscard.errors import (
     UnknownModelError,
 )
 from undiscard.method import Undiscard, wrap
+from undiscard.segment import SegmentationUndiscard, wrap_segmentation
 from undiscard.sites import Site, SiteMap, SiteOp, find_sites
 
 __version__ = "0.1.0"
@@ -34,6 +35,8 @@ __all__ = [
     "wrap",
     "Undiscard",
     "ImageTTA",
+    "wrap_segmentation",
+    "SegmentationUndiscard",
     "AttentionAggregator",
     "load_aggregator",
     "Site",

@@ -220,6 +220,11 @@ def _load_safetensors(path: Path, spec: str, num_classes: int | None, in_chans: 
             f"metadata {{'{_META_ARCH}': 'timm:NAME'}} (optionally '{_META_NUM_CLASSES}', '{_META_IN_CHANS}', "
             f"'{_META_INPUT_SIZE}'='C,H,W') when writing it"
         )
+    if arch.startswith("seg:"):  # a segmentation checkpoint (undiscard train-segmenter)
+        from undiscard.segmodels import load_segmenter
+
+        seg = load_segmenter(str(path))
+        return LoadedModel(seg.model, spec, seg.input_size, seg.pretrained, seg.note)
     if arch.startswith(("timm:", "torchvision:")) is False:
         raise UndiscardError(f"{path}: metadata {_META_ARCH}={arch!r} must be 'timm:NAME' or 'torchvision:NAME'")
     ck_classes = _parse_int(meta, _META_NUM_CLASSES, path)
