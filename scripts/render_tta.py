@@ -26,10 +26,16 @@ def find(res: dict, method: str, b_feat: int, m: int, trained_on: str) -> dict |
     return None
 
 
-def cell(r: dict | None, plain: float | None = None) -> str:
+def cell(r: dict | None, base: dict | None = None) -> str:
+    """top-1, and vs ``base`` its change with a 95% paired-bootstrap interval over the images."""
     if r is None:
         return "-"
-    gain = "" if plain is None else f" ({r['top1'] - plain:+.2f})"
+    gain = ""
+    if base is not None:
+        from undiscard.tta_eval import paired_interval
+
+        lo, hi = paired_interval(base["correct"], r["correct"])
+        gain = f" ({r['top1'] - base['top1']:+.2f} [{lo:+.1f}, {hi:+.1f}])"
     return f"{r['top1']:.2f}{gain} · {r['b_total']} · {r['cost']:.1f}x"
 
 
@@ -50,7 +56,7 @@ def render() -> str:
         "(identity, flip, crops, RandAugment-style ops; `undiscard.tta.augmentation_pool`). "
         f"Ours: per-view search with criterion `{st['criterion']}`, aggregation `{st['aggregate']}`, "
         f"B_feat = {feat}. Each cell: top-1 % (change vs the same image method without ours at the same "
-        "B_total) · B_total actually computed (distinct views x B_feat; GPS may pick a view twice) · "
+        "B_total, with its 95% paired-bootstrap interval over the test images) · B_total actually computed (distinct views x B_feat; GPS may pick a view twice) · "
         f"time x plain (median of {st['repeats']} interleaved runs on {st['timing_images']} images, CPU).",
         "",
     ]
@@ -63,7 +69,13 @@ def render() -> str:
         alone = []
         for _, _, res in loaded:
             fo = next((f for f in res["feature_only"] if f["b_feat"] == t), None)
-            alone.append("-" if fo is None else f"{fo['top1']:.2f} · {t} · -")
+            if fo is None:
+                alone.append("-")
+            else:
+                from undiscard.tta_eval import paired_interval
+
+                lo, hi = paired_interval(res["plain"]["correct"], fo["correct"])
+                alone.append(f"{fo['top1']:.2f} ({fo['top1'] - res['plain']['top1']:+.2f} [{lo:+.1f}, {hi:+.1f}] vs plain) · {t} · -")
         out.append("| ours alone (identity view, B_feat = B_total) | " + " | ".join(alone) + " |")
         for method in ("mean", "max", "gps", "augtta", "classtta"):
             base = [find(res, method, 1, t, "plain" if method in ("gps", "augtta", "classtta") else "-") for _, _, res in loaded]
@@ -74,16 +86,16 @@ def render() -> str:
                 for tr, label in (("undiscard", "trained on ours"), ("plain", "trained on plain logits")):
                     rs = [find(res, method, feat, m_img, tr) for _, _, res in loaded]
                     out.append(f"| {NAMES[method]} + ours ({label}) | "
-                               + " | ".join(cell(r, None if b is None else b["top1"]) for r, b in zip(rs, base)) + " |")
+                               + " | ".join(cell(r, b) for r, b in zip(rs, base)) + " |")
             else:
                 rs = [find(res, method, feat, m_img, "-") for _, _, res in loaded]
                 out.append(f"| {NAMES[method]} + ours | "
-                           + " | ".join(cell(r, None if b is None else b["top1"]) for r, b in zip(rs, base)) + " |")
+                           + " | ".join(cell(r, b) for r, b in zip(rs, base)) + " |")
     out += ["", "**Flips** (identity + horizontal flip, mean of probabilities)", "", head, sep]
     base = [find(res, "flips", 1, 2, "-") for _, _, res in loaded]
     out.append("| Flips (w/o ours) | " + " | ".join(cell(r) for r in base) + " |")
     rs = [find(res, "flips", feat, 2, "-") for _, _, res in loaded]
-    out.append("| Flips + ours | " + " | ".join(cell(r, None if b is None else b["top1"]) for r, b in zip(rs, base)) + " |")
+    out.append("| Flips + ours | " + " | ".join(cell(r, b) for r, b in zip(rs, base)) + " |")
     return "\n".join(out)
 
 

@@ -123,3 +123,14 @@ def test_eval_image_tta_cli_and_bad_options(tmp_path):
     assert r.returncode == 2 and "pool" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(base + ["--image-tta", "mean", "--single-states"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "--single-states" in r.stderr
+
+
+def test_paired_interval_brackets_the_difference_and_is_zero_for_identical_results():
+    from undiscard.tta_eval import paired_interval
+
+    a = "0110" * 50
+    assert paired_interval(a, a) == (0.0, 0.0)
+    lo, hi = paired_interval(a, "1110" * 50)  # 50 more correct of 200: +25 points
+    assert 15 < lo < 25 < hi < 35
+    with pytest.raises(Exception, match="same images"):
+        paired_interval(a, a[:-1])

@@ -39,7 +39,7 @@ import torch
 
 from undiscard.errors import InputError, UndiscardError
 
-__all__ = ["TTAConfig", "IMAGE_METHODS", "run_tta", "format_tta", "study_rows", "cli_rows"]
+__all__ = ["TTAConfig", "IMAGE_METHODS", "run_tta", "format_tta", "study_rows", "cli_rows", "paired_interval"]
 
 IMAGE_METHODS = ("mean", "max", "gps", "augtta", "classtta", "flips")
 LEARNED = ("gps", "augtta", "classtta")
@@ -149,7 +149,8 @@ def _summary(logp: torch.Tensor, y: torch.Tensor) -> dict:
     logp = torch.log_softmax(logp.double(), -1)
     conf, pred = logp.exp().max(-1)
     correct = pred == y
-    return {"top1": 100.0 * float(correct.double().mean()),
+    return {"correct": "".join("1" if c else "0" for c in correct.tolist()),  # per image, for paired intervals
+            "top1": 100.0 * float(correct.double().mean()),
             "nll": float(-logp.gather(1, y[:, None]).mean()),
             "ece": 100.0 * calibration_error(conf, correct.long())}
 
@@ -304,6 +305,19 @@ def run_tta(cfg: TTAConfig, rows: list[Row], *, log=_log, save=None, fresh: bool
 def _feature_only(test_logits: dict, y: torch.Tensor) -> list[dict]:
     """Ours alone (identity view) at every cached feature budget."""
     return [{"b_feat": b, **_summary(v, y)} for (i, b), v in sorted(test_logits.items()) if i == 0]
+
+
+def paired_interval(a: str, b: str, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% paired-bootstrap interval of top-1(b) - top-1(a) in points, from per-image correctness strings."""
+    x = torch.tensor([int(c) for c in a], dtype=torch.float64)
+    z = torch.tensor([int(c) for c in b], dtype=torch.float64)
+    if x.shape != z.shape or x.numel() == 0:
+        raise InputError("paired interval needs two correctness strings over the same images")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, x.numel(), (resamples, x.numel()), generator=g)
+    d = 100.0 * ((z - x)[idx].mean(1))
+    lo, hi = torch.quantile(d, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return lo, hi
 
 
 def _median_plain(model, x, repeats: int) -> float:
