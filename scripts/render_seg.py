@@ -4,7 +4,8 @@
     python scripts/render_seg.py --print  # print the section instead
 
 Every number in the section comes from results/seg_deeplabv3.json, results/seg_segformer.json
-(written by `scripts/seg_results.sh`) and the training summaries zoo/fmnist_seg_*.json.
+(written by `scripts/seg_results.sh`), the training summaries zoo/fmnist_seg_*.json and, if
+present, the cost benchmark results/seg_bench_cpu.json (`scripts/seg_bench.sh`).
 Without the markers in README.md the section is printed and the script exits 0 with a note.
 """
 
@@ -44,6 +45,7 @@ def render() -> str:
     found = [(key, label, load(ROOT / "results" / f"seg_{key}.json"), load(ROOT / "zoo" / f"fmnist_seg_{key}.json"))
              for key, label in MODELS]
     found = [f for f in found if f[2] is not None]
+    bench = load(ROOT / "results" / "seg_bench_cpu.json")
     if not found:
         return "_No segmentation results yet: run `bash scripts/seg_results.sh`._"
     res0 = found[0][2]
@@ -112,9 +114,10 @@ def render() -> str:
             "shifts each deeper stage onto the shallowest one's grid where the head fuses them; the output then "
             "needs no shift (stage 0 is before both searched sites).",
             "- Cost: these models take under a millisecond per 96 px image, so the per-state work the method adds at "
-            "input resolution (softmax and per-pixel entropy of every state for the search, the shifts, the "
-            "aggregation) and the search's bookkeeping weigh more than the B forwards themselves: the ratio to the "
-            "plain model is several times B here. It was not measured on larger models.",
+            "input resolution (each state's softmax and per-pixel entropy, computed once and used by both the search "
+            "and the aggregation; the shifted sums) and the engine's bookkeeping weigh about as much as the B "
+            "forwards themselves: the ratio to the plain model is above B here. "
+            + bench_summary(bench),
             "",
             "Reproduce (trains the two models if `zoo/fmnist_seg_*.safetensors` are missing, then evaluates and "
             "re-renders this section):",
@@ -127,7 +130,58 @@ def render() -> str:
             f"--batch-size {res0['config']['batch_size']} --threads {res0['config']['threads']} "
             "--json results/seg_MODEL.json --plot results/seg_MODEL.png",
             "```"]
+    if bench is not None:
+        out += ["", *bench_lines(bench)]
     return "\n".join(out)
+
+
+def _bench_row(m: dict, engine: str, budget: int) -> dict | None:
+    for r in m["rows"]:
+        if (r["engine"], r["budget"]) == (engine, budget):
+            return r
+    return None
+
+
+def bench_summary(bench: dict | None) -> str:
+    """One sentence on the real-size model of results/seg_bench_cpu.json (or a pointer to the script)."""
+    if bench is None:
+        return "The cost on a real-size model: `bash scripts/seg_bench.sh`."
+    big = max(bench["models"], key=lambda m: m["input"][1] * m["input"][2])
+    parts = []
+    for b in (4, 10):
+        r = _bench_row(big, "trie", b)
+        if r is not None:
+            parts.append(f"B={b} {r['ratio']:.1f}x")
+    rr = _bench_row(big, "rerun", 10)
+    txt = (f"On a real-size model ({big['label'].split(' (')[0]}, {big['input'][1]}x{big['input'][2]}, "
+           f"{big['threads']} threads) the same method costs {', '.join(parts)} the plain forward")
+    if rr is not None:
+        txt += f" (one forward per state: B=10 {rr['ratio']:.1f}x)"
+    return txt + ": the cost table below."
+
+
+def bench_lines(bench: dict) -> list[str]:
+    """The side-by-side cost table of results/seg_bench_cpu.json (scripts/seg_bench.sh)."""
+    models = bench["models"]
+    keys: list[tuple[str, int]] = sorted({(r["engine"], r["budget"]) for m in models for r in m["rows"]},
+                                         key=lambda k: (k[0] != "trie", k[1]))
+    head = ["model", "input", "batch", "threads", "searched states", "plain ms/img"] + [
+        f"B={b}" + (" (rerun)" if e == "rerun" else "") + " ms/img (x plain)" for e, b in keys]
+    out = [f"Cost side by side (`bash scripts/seg_bench.sh`: one process, median of {models[0]['repeats']} "
+           "interleaved repeats; the whole prediction, search and aggregation, criterion entropy, aggregate mean; "
+           "engine `trie` = shared prefixes, falling back to one batched forward per state where a decoder "
+           "takes maps from both sides of a searched site (SegFormer); `rerun` = one batched forward per state). "
+           "Without sharing the ideal is B x plain:", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in models:
+        cells = []
+        for k in keys:
+            r = _bench_row(m, *k)
+            cells.append("-" if r is None else f"{r['ms_per_image']:.1f} ({r['ratio']:.1f}x)")
+        c, h, w = m["input"]
+        out.append(f"| {m['label']} | {c}x{h}x{w} | {m['batch']} | {m['threads']} | {m['space_size']} (sites "
+                   f"{m['searchable']}) | {m['plain_ms_per_image']:.1f} | " + " | ".join(cells) + " |")
+    return out
 
 
 def main(argv: list[str]) -> int:

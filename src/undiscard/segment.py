@@ -52,8 +52,9 @@ literally); on the shipped SegFormer that loses several mIoU points (README, seg
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,7 +64,6 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from undiscard.align import shift_cells
 from undiscard.engine import use_states
 from undiscard.errors import InputError, StateError, UndiscardError
 from undiscard.oprefs import BINDERS
@@ -233,6 +233,111 @@ def mean_pixel_entropy(logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return h.flatten(1).sum(1) / v.flatten(1).sum(1).clamp_min(1)
 
 
+def _probs_and_entropy(y: torch.Tensor, size: tuple[int, int], *, logp_out: torch.Tensor | None = None,
+                       p_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Native logits ``(M, K, h, w)`` -> probabilities ``(M, K, H, W)`` and per-pixel entropy ``(M, H, W)``
+    at input resolution, NOT shifted.
+
+    The shift only moves pixels, so each pixel's values are those :func:`_log_probs` +
+    :func:`_pixel_entropy` give after it; computing them once per state before the shift
+    serves both the search score and the aggregation. The entropy is formed in place on
+    the log-probabilities (``0 log 0 = 0``: a zero probability gives ``-0.0`` or NaN there,
+    both counted as 0, exactly as ``where(p > 0, p log p, 0)``). ``logp_out`` (scratch) and
+    ``p_out``: flat buffers of at least ``M K H W`` elements to write into.
+    """
+    y = upsample_logits(y, size)
+    y = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
+    shape = y.shape
+    logp = (torch.log_softmax(y, 1) if logp_out is None
+            else torch.log_softmax(y, 1, out=logp_out[: y.numel()].view(shape)))
+    p = logp.exp() if p_out is None else torch.exp(logp, out=p_out[: y.numel()].view(shape))
+    h = logp.mul_(p).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(1).neg_()
+    return p, h
+
+
+class _Workspace:
+    """Flat buffers reused from one search to the next: at these sizes, fresh memory costs
+    as much in page faults as the arithmetic done on it."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self.free: list[torch.Tensor] = []
+        self.keep = keep
+
+    def take(self, numel: int, like: torch.Tensor) -> torch.Tensor:
+        fits = [i for i, b in enumerate(self.free)
+                if b.numel() >= numel and b.dtype == like.dtype and b.device == like.device]
+        if fits:
+            return self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
+        return torch.empty(numel, dtype=like.dtype, device=like.device)
+
+    def give(self, buf: torch.Tensor) -> None:
+        self.free.append(buf)
+        self.free.sort(key=lambda b: b.numel(), reverse=True)
+        del self.free[self.keep :]
+
+
+def _mean_over_valid(h: torch.Tensor, delta: torch.Tensor, fill: str) -> torch.Tensor:
+    """``(M,)`` mean of unshifted per-pixel entropies ``(M, H, W)`` over each state's valid pixels
+    after its shift (= :func:`mean_pixel_entropy` of the aligned prediction)."""
+    al, valid = align_dense(h[:, None], delta, fill)
+    count = (torch.full((h.shape[0],), float(h[0].numel()), dtype=h.dtype, device=h.device) if valid is None
+             else valid.flatten(1).to(h.dtype).sum(1))
+    return al.flatten(1).sum(1) / count.clamp_min(1)
+
+
+def _window(d: int, n: int) -> tuple[slice, slice] | None:
+    """Destination and source slices of a shift by ``+d`` along an axis of length ``n`` (None: nothing lands)."""
+    if abs(d) >= n:
+        return None
+    return slice(max(0, d), n - max(0, -d)), slice(max(0, -d), n - max(0, d))
+
+
+def _aggregate_shifted(p_of: Callable[[int, int], torch.Tensor], h_of: Callable[[int, int], torch.Tensor],
+                       delta: torch.Tensor, aggregate: str) -> torch.Tensor:
+    """:func:`aggregate_dense` of ``align_dense(..., "mask")``-shifted states, without building them.
+
+    ``p_of(i, b)`` / ``h_of(i, b)``: unshifted probabilities ``(K, H, W)`` (finite) and per-pixel
+    entropy ``(H, W)`` of image ``i``'s state ``b``; ``delta`` ``(m, b, 2)``. Each state's shifted
+    probabilities (times its weight) are added onto the window it covers, states in order:
+    the same sums as ``(p * w).sum(1)`` over the zero-filled aligned maps (a state adds
+    nothing where it is invalid), so the same result.
+    """
+    m, b = delta.shape[:2]
+    p0 = p_of(0, 0)
+    k, hh, ww = p0.shape
+    wins = [[(_window(dh, hh), _window(dw, ww)) for dh, dw in row] for row in delta.tolist()]
+    valid = torch.zeros(m, b, 1, hh, ww, dtype=torch.bool, device=p0.device)
+    for i in range(m):
+        for j in range(b):
+            (wh, ww_) = wins[i][j]
+            if wh is not None and ww_ is not None:
+                valid[i, j, :, wh[0], ww_[0]] = True
+    if aggregate == "entropy" and k > 1:
+        hal = torch.zeros(m, b, 1, hh, ww, dtype=p0.dtype, device=p0.device)
+        for i in range(m):
+            for j in range(b):
+                (wh, ww_) = wins[i][j]
+                if wh is not None and ww_ is not None:
+                    hal[i, j, 0, wh[0], ww_[0]] = h_of(i, j)[wh[1], ww_[1]]
+        w = torch.where(valid, (1 - hal / math.log(k)).clamp_min(0), torch.zeros_like(hal))
+        w = torch.where(w.sum(1, keepdim=True) > 0, w, valid.to(w.dtype))
+    else:
+        w = None
+    acc = torch.zeros(m, k, hh, ww, dtype=p0.dtype, device=p0.device)
+    for i in range(m):
+        for j in range(b):
+            (wh, ww_) = wins[i][j]
+            if wh is None or ww_ is None:
+                continue
+            src = p_of(i, j)[:, wh[1], ww_[1]]
+            dst = acc[i, :, wh[0], ww_[0]]
+            dst += src if w is None else src * w[i, j, :, wh[0], ww_[0]]
+    z = (valid.to(p0.dtype) if w is None else w).sum(1)
+    if bool((z <= 0).any()):
+        raise UndiscardError("a pixel has no valid state to aggregate (the default state must cover every pixel)")
+    return acc.div_(z).log_()
+
+
 def aggregate_dense(logp: torch.Tensor, valid: torch.Tensor, aggregate: str = "mean") -> torch.Tensor:
     """Aggregate ``B`` aligned states per pixel: ``(N, B, K, H, W)`` -> ``(N, K, H, W)`` log-probabilities.
 
@@ -283,6 +388,57 @@ def level_displacements(sites: SiteMap, states: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
+def _tagged(obj: Any, out: list[torch.Tensor]) -> None:
+    """The level-tagged tensors among a torch function's arguments (in tuples, lists and dicts), in order."""
+    if isinstance(obj, torch.Tensor):
+        if hasattr(obj, _LEVEL):
+            out.append(obj)
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            _tagged(o, out)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            _tagged(o, out)
+
+
+def _shift_int_border(f: torch.Tensor, k: torch.Tensor, dim: int) -> torch.Tensor:
+    """``out[i, ..., j, ...] = f[i, ..., clamp(j - k_i, 0, n - 1), ...]`` along ``dim``: slice copies
+    (the same values as :func:`undiscard.align.shift_cells`' gather with ``fill="border"``)."""
+    n = f.shape[dim]
+    ks = [max(-n, min(n, v)) for v in k.tolist()]
+    out = torch.empty(f.shape, dtype=f.dtype, device=f.device)  # contiguous, as gather's result
+    pairs = [(f, out, ks[0], dim)] if len(set(ks)) == 1 else [(f[i], out[i], v, dim - 1) for i, v in enumerate(ks)]
+    for src, dst, v, d in pairs:
+        if v >= 0:
+            dst.narrow(d, v, n - v).copy_(src.narrow(d, 0, n - v))
+            if v:
+                dst.narrow(d, 0, v).copy_(src.narrow(d, 0, 1).expand_as(dst.narrow(d, 0, v)))
+        else:
+            v = -v
+            dst.narrow(d, 0, n - v).copy_(src.narrow(d, v, n - v))
+            dst.narrow(d, n - v, v).copy_(src.narrow(d, n - 1, 1).expand_as(dst.narrow(d, n - v, v)))
+    return out
+
+
+def _shift_cells_border(f: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """:func:`undiscard.align.shift_cells` with ``fill="border"``, by slices instead of gathers (same arithmetic)."""
+    shift = shift.to(device=f.device, dtype=torch.float64)
+    out = f
+    for a in range(f.dim() - 2):
+        dim = 2 + a
+        lo = torch.floor(shift[:, a])
+        frac = (shift[:, a] - lo).to(f.dtype)
+        k = lo.long()
+        base = _shift_int_border(out, k, dim)
+        if bool((frac == 0).all()):
+            out = base
+            continue
+        nxt = _shift_int_border(out, k + 1, dim)
+        w = frac.reshape([-1] + [1] * (f.dim() - 1))
+        out = base * (1 - w) + nxt * w
+    return out
+
+
 class _SkipAlignMode(TorchFunctionMode):
     """Aligns encoder features that meet across searchable sites (U-Net / FPN / SegFormer skips).
 
@@ -319,7 +475,8 @@ class _SkipAlignMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         found: list[torch.Tensor] = []
-        tree_map(lambda v: found.append(v) if isinstance(v, torch.Tensor) and hasattr(v, _LEVEL) else None, (args, kwargs))
+        _tagged(args, found)
+        _tagged(kwargs, found)
         levels = {getattr(t, _LEVEL) for t in found}
         new_level = max(levels) if levels else None
         binder = BINDERS.get(func)
@@ -352,7 +509,7 @@ class _SkipAlignMode(TorchFunctionMode):
             if not bool(rel.any()):
                 continue
             cells = rel * torch.tensor([t.shape[-2] / self.input_hw[0], t.shape[-1] / self.input_hw[1]], dtype=torch.float64)
-            shifted = shift_cells(t, cells, "border")
+            shifted = _shift_cells_border(t, cells)
             setattr(shifted, _LEVEL, low)
             swap[id(t)] = shifted
             self.merges += 1
@@ -363,23 +520,160 @@ class _SkipAlignMode(TorchFunctionMode):
 
 # --------------------------------------------------------------------- search output
 
+class _LazyField:
+    """A dataclass field that may be given as a :class:`_Deferred` and is built on first read.
+
+    The search keeps each step's raw logits as the engine returned them; stacking them
+    into ``(N, B, K, h, w)`` costs a copy of every state's logits, done only if someone
+    reads ``logits``. Assigning the field after construction drops the search's cache.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = f"_{name}_value"
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            raise AttributeError  # no default value for the dataclass field
+        v = obj.__dict__[self.slot]
+        if isinstance(v, _Deferred):
+            v = obj.__dict__[self.slot] = v.build()
+        return v
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        if self.slot in obj.__dict__:
+            obj.__dict__["_store"] = None  # new logits: what the search derived from the old ones is stale
+        obj.__dict__[self.slot] = value
+
+
+class _Deferred:
+    def __init__(self, build: Callable[[], Any]) -> None:
+        self.build = build
+
+
+class _StepStore:
+    """Per search step: the engine's raw logits and, derived once per state, its unshifted
+    probabilities and per-pixel entropy at input resolution (:func:`_probs_and_entropy`).
+
+    ``evaluate`` hands the search row ids instead of logits (the search then stacks ids,
+    not maps); :meth:`index` maps ``(image, b)`` to ``(step, row)``.
+    """
+
+    def __init__(self, size: tuple[int, int], states: int, cache_bytes: int, workspace: _Workspace | None = None) -> None:
+        self.size, self.states, self.cache_bytes = size, states, cache_bytes
+        self.workspace = workspace
+        self.keep_probs = False  # decided at the first step, when the number of classes is known
+        self.y: list[torch.Tensor] = []
+        self.p: list[torch.Tensor | None] = []
+        self.h: list[torch.Tensor | None] = []  # per-pixel entropy, for the search score
+        self.ha: list[torch.Tensor | None] = []  # the same for the aggregation (see derive)
+        self.start: list[int] = []
+        self.rows = 0
+        self.finite = True  # every kept probability finite (no NaN / inf logits)
+        self.where: torch.Tensor | None = None  # (N, B, 2) step and row of each searched state
+        self.pbuf: torch.Tensor | None = None  # the kept probabilities of every state, flat
+        self.scratch: torch.Tensor | None = None  # log-probabilities of one step, flat
+
+    def _buffer(self, numel: int, like: torch.Tensor) -> torch.Tensor:
+        if self.workspace is None:
+            return torch.empty(numel, dtype=like.dtype, device=like.device)
+        buf = self.workspace.take(numel, like)
+        weakref.finalize(self, self.workspace.give, buf)  # back to the workspace when this search is dropped
+        return buf
+
+    def add(self, y: torch.Tensor) -> torch.Tensor:
+        if not self.y:
+            like = torch.empty(0, dtype=torch.float32 if y.dtype in (torch.float16, torch.bfloat16) else y.dtype,
+                               device=y.device)
+            row = y.shape[1] * self.size[0] * self.size[1]
+            self.keep_probs = self.states * row * like.element_size() <= self.cache_bytes
+            self.scratch = self._buffer(y.shape[0] * row, like)
+            if self.keep_probs:
+                self.pbuf = self._buffer(self.states * row, like)
+        self.start.append(self.rows)
+        self.y.append(y)
+        self.p.append(None)
+        self.h.append(None)
+        self.ha.append(None)
+        ids = torch.arange(self.rows, self.rows + y.shape[0])
+        self.rows += y.shape[0]
+        return ids
+
+    def step_of(self, ids: torch.Tensor) -> int:
+        t = len(self.start) - 1
+        while t > 0 and self.start[t] > int(ids[0]):
+            t -= 1
+        return t
+
+    def derive(self, t: int) -> torch.Tensor:
+        """The per-pixel entropy of step ``t`` for the search score (computed once; the
+        probabilities and entropy for the aggregation kept if asked)."""
+        if self.h[t] is None:
+            y = self.y[t]
+            numel = y.shape[0] * y.shape[1] * self.size[0] * self.size[1]
+            scratch = self.scratch if self.scratch is not None and self.scratch.numel() >= numel else None
+            pout = None
+            if self.keep_probs:
+                row = numel // y.shape[0]
+                pout = self.pbuf[self.start[t] * row : self.start[t] * row + numel]
+            if self.keep_probs and not y.is_contiguous():
+                # Logits in another memory layout (SegFormer's are channels-last) round differently
+                # in the upsampling than their contiguous copy. The search has always scored the
+                # layout the model returned and aggregated the contiguous stacked logits: both
+                # kept, so that results do not move.
+                _, self.h[t] = _probs_and_entropy(y, self.size, logp_out=scratch)
+                p, self.ha[t] = _probs_and_entropy(y.contiguous(), self.size, logp_out=scratch, p_out=pout)
+            else:
+                p, self.h[t] = _probs_and_entropy(y, self.size, logp_out=scratch, p_out=pout)
+                self.ha[t] = self.h[t]
+            if self.keep_probs:
+                self.finite = self.finite and bool(torch.isfinite(p.sum()))
+                self.p[t] = p
+        return self.h[t]
+
+    def index(self, ids: torch.Tensor) -> None:
+        starts = torch.tensor(self.start, dtype=torch.long)
+        step = torch.searchsorted(starts, ids, right=True) - 1
+        self.where = torch.stack([step, ids - starts[step]], -1)
+
+    def stack(self, ids: torch.Tensor) -> torch.Tensor:
+        """``(N, B, K, h, w)`` raw logits of the searched states (one copy)."""
+        n, b = ids.shape
+        y0 = self.y[0]
+        out = y0.new_empty((n * b, *y0.shape[1:]))
+        pos = torch.empty(self.rows, dtype=torch.long)
+        pos[ids.flatten()] = torch.arange(n * b)
+        for t, y in enumerate(self.y):
+            out.index_copy_(0, pos[self.start[t] : self.start[t] + y.shape[0]].to(out.device), y)
+        return out.view(n, b, *y0.shape[1:])
+
+    def first(self, n: int) -> torch.Tensor | None:
+        """The default states' logits ``(N, K, h, w)`` when the first step holds exactly them, in order."""
+        w = self.where
+        if w is not None and bool((w[:, 0, 0] == 0).all()) and torch.equal(w[:, 0, 1], torch.arange(n)) \
+                and self.y[0].shape[0] == n:
+            return self.y[0]
+        return None
+
+
 @dataclass
 class DenseSearched:
     """What the search found for a batch, in evaluation order (``states[:, 0]`` is the default).
 
     Attributes:
         states: ``(N, B, L)`` flat offset indices.
-        logits: ``(N, B, K, h, w)`` each state's raw logits at the model's output resolution.
+        logits: ``(N, B, K, h, w)`` each state's raw logits at the model's output resolution
+            (built on first read when the search made it).
         delta: ``(N, B, 2)`` displacement in input pixels.
         entropy: ``(N, B)`` mean pixel entropy of each state's aligned prediction (valid pixels).
         size: the input ``(H, W)``.
     """
 
     states: torch.Tensor
-    logits: torch.Tensor
+    logits: torch.Tensor = _LazyField()  # type: ignore[assignment]
     delta: torch.Tensor
     entropy: torch.Tensor
     size: tuple[int, int]
+    _store: _StepStore | None = field(default=None, init=False, repr=False, compare=False)
 
 
 @dataclass
@@ -402,7 +696,14 @@ class SegDetails:
 # --------------------------------------------------------------------- the module
 
 class SegmentationUndiscard(nn.Module):
-    """A segmentation network that aggregates ``budget`` searched offset states (see :func:`wrap_segmentation`)."""
+    """A segmentation network that aggregates ``budget`` searched offset states (see :func:`wrap_segmentation`).
+
+    ``cache_bytes``: a search keeps every state's input-resolution probabilities for
+    :meth:`combine` when they take at most this much memory (else combine recomputes
+    them from the logits; same results).
+    """
+
+    cache_bytes: int = 1 << 30
 
     def __init__(
         self,
@@ -447,6 +748,7 @@ class SegmentationUndiscard(nn.Module):
         self.last_rows: list[int] = []  # rows computed per searchable site by the last search
         self.last_engine = engine  # what the last search ran on ("rerun (fallback)" when the trie could not share)
         self._sites: dict[tuple, SiteMap] = {}
+        self._workspace = _Workspace()
 
     def sites_for(self, x: torch.Tensor) -> SiteMap:
         """The sites of the model at ``x``'s size (found once per input size)."""
@@ -529,7 +831,13 @@ class SegmentationUndiscard(nn.Module):
     # -- search --------------------------------------------------------------
     @torch.no_grad()
     def search(self, x: torch.Tensor, budget: int | None = None, criterion: str | None = None) -> DenseSearched:
-        """Search ``budget`` states per image of ``x``; return their raw logits and displacements."""
+        """Search ``budget`` states per image of ``x``; return their raw logits and displacements.
+
+        Each state's input-resolution probabilities and per-pixel entropy are computed once,
+        before its shift (the shift only moves pixels): the search scores them, and
+        :meth:`combine` aggregates the kept probabilities of the same search without
+        recomputing them (kept up to ``cache_bytes``).
+        """
         budget = self.budget if budget is None else budget
         criterion = self.criterion if criterion is None else criterion
         if criterion not in SEG_CRITERIA:
@@ -537,28 +845,38 @@ class SegmentationUndiscard(nn.Module):
         sites = self.sites_for(x)
         size = tuple(x.shape[-2:])
         evaluate = self._evaluator(x, sites)
+        store = _StepStore(size, x.shape[0] * budget, self.cache_bytes if self.fill == "mask" else -1, self._workspace)
 
         def delta_of(states: torch.Tensor) -> torch.Tensor:
             return level_displacements(sites, states)[evaluate.out_level()]  # type: ignore[attr-defined]
 
-        def score(y: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-            logp, valid = _log_probs(y, size, delta_of(states), self.fill)
-            return -mean_pixel_entropy(logp, valid)
+        def run(img: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+            return store.add(evaluate(img, states))
 
-        res = greedy_search(evaluate, x.shape[0], sites, budget, criterion, score=score, width=self.width, seed=self.seed)
+        def score(ids: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+            return -_mean_over_valid(store.derive(store.step_of(ids)), delta_of(states), self.fill)
+
+        res = greedy_search(run, x.shape[0], sites, budget, criterion, score=score, width=self.width, seed=self.seed)
         evaluate.finish()  # type: ignore[attr-defined]
         n, b = res.states.shape[:2]
         self.last_out_level = evaluate.out_level()  # type: ignore[attr-defined]
+        ids = res.outputs
+        store.index(ids)
         delta = delta_of(res.states.reshape(n * b, -1)).reshape(n, b, 2)
         if criterion == "entropy":
             h = (-res.scores).to(torch.float32)
         else:
             h = torch.empty(n, b)
-            for s in range(0, n * b, self.max_batch):
-                y = res.outputs.flatten(0, 1)[s : s + self.max_batch]
-                logp, valid = _log_probs(y, size, delta.flatten(0, 1)[s : s + self.max_batch], self.fill)
-                h.view(-1)[s : s + y.shape[0]] = mean_pixel_entropy(logp, valid).float()
-        return DenseSearched(res.states, res.outputs, delta, h, size)
+            flat = ids.flatten()
+            for t in range(len(store.y)):
+                sel = ((flat >= store.start[t]) & (flat < store.start[t] + store.y[t].shape[0])).nonzero().flatten()
+                rows = flat[sel] - store.start[t]
+                store.derive(t)
+                ent = store.ha[t].index_select(0, rows.to(store.y[t].device))  # as from the stacked logits
+                h.view(-1)[sel] = _mean_over_valid(ent, delta.flatten(0, 1)[sel], self.fill).float().cpu()
+        found = DenseSearched(res.states, _Deferred(lambda: store.stack(ids)), delta, h, size)  # type: ignore[arg-type]
+        found._store = store
+        return found
 
     # -- aggregation ---------------------------------------------------------
     def combine(self, found: DenseSearched, budget: int | None = None, aggregate: str | None = None,
@@ -567,7 +885,7 @@ class SegmentationUndiscard(nn.Module):
 
         ``budget=1`` gives the default state's logits upsampled (the plain model); more
         give the log of the aggregated probabilities. ``chunk`` images are aggregated at
-        a time (bounds the memory of the ``(n, B, K, H, W)`` intermediate).
+        a time (bounds the memory of the intermediates).
         """
         aggregate = self.aggregate if aggregate is None else aggregate
         if aggregate not in SEG_AGGREGATES:
@@ -575,10 +893,24 @@ class SegmentationUndiscard(nn.Module):
         b = found.states.shape[1] if budget is None else budget
         if not 1 <= b <= found.states.shape[1]:
             raise StateError(f"budget {b} is outside 1..{found.states.shape[1]} (the states this search found)")
+        store = found.__dict__.get("_store")
+        n = found.states.shape[0]
         if b == 1:
-            return upsample_logits(found.logits[:, 0], found.size)
+            y0 = store.first(n) if store is not None else None
+            # the default states' logits, contiguous as in the stacked (N, B, ...) logits
+            return upsample_logits(found.logits[:, 0] if y0 is None else y0.contiguous(), found.size)
         outs = []
-        n = found.logits.shape[0]
+        if store is not None and store.keep_probs and self.fill == "mask":
+            for t in range(len(store.y)):
+                store.derive(t)
+            if store.finite:
+                where = store.where.tolist()
+                for s in range(0, n, chunk):
+                    part = where[s : s + chunk]
+                    outs.append(_aggregate_shifted(lambda i, j: store.p[part[i][j][0]][part[i][j][1]],
+                                                   lambda i, j: store.ha[part[i][j][0]][part[i][j][1]],
+                                                   found.delta[s : s + chunk, :b], aggregate))
+                return torch.cat(outs)
         for s in range(0, n, chunk):
             y = found.logits[s : s + chunk, :b]
             m = y.shape[0]
