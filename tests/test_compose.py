@@ -134,3 +134,46 @@ def test_paired_interval_brackets_the_difference_and_is_zero_for_identical_resul
     assert 15 < lo < 25 < hi < 35
     with pytest.raises(Exception, match="same images"):
         paired_interval(a, a[:-1])
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["eval", "zoo/fmnist_resnet18.safetensors", "--image-budget", "3"], "--image-budget needs --image-tta"),
+    (["eval", "zoo/fmnist_resnet18.safetensors", "--image-tta", "flips", "--image-budget", "3"], "flips"),
+    (["eval", "zoo/fmnist_resnet18.safetensors", "--image-tta", "gps", "--criterion", "entropy,random"], "ONE value"),
+    (["eval", "zoo/fmnist_resnet18.safetensors", "--image-tta", "mean", "--aggregate", "mean,entropy"], "ONE value"),
+    (["eval", "zoo/fmnist_seg_deeplabv3.safetensors", "--task", "segmentation", "--image-tta", "gps"], "classification"),
+    (["eval", "zoo/fmnist_resnet18.safetensors", "--image-tta", "mean", "--image-aggregator", "x.safetensors"],
+     "nothing to fit"),
+    (["tta-study", "zoo/fmnist_resnet18.safetensors", "--feature-budget", "0"], "--feature-budget"),
+    (["tta-study", "zoo/fmnist_resnet18.safetensors", "--feature-budget", "1"], "--feature-budget"),
+])
+def test_image_tta_options_that_would_be_ignored_are_clear_errors(argv, needle, capsys):
+    from undiscard.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_fitted_image_aggregators_are_saved_and_reapplied_and_a_mismatch_is_refused(tmp_path, capsys):
+    from undiscard.cli import main
+
+    base = ["eval", "zoo/fmnist_resnet18.safetensors", "--limit", "8", "--tta-val-images", "16", "--tta-pool", "4",
+            "--timing-images", "2", "--repeats", "1", "--threads", "1", "--cache-dir", str(tmp_path / "c"),
+            "--budget", "1", "--image-tta", "augtta", "--image-budget", "3"]
+    assert main(base + ["--save-image-aggregators", str(tmp_path / "aggs"), "--json", str(tmp_path / "a.json")]) == 0
+    saved = sorted((tmp_path / "aggs").glob("*.safetensors"))
+    assert [p.name for p in saved] == ["augtta-m3-fit_bfeat1.safetensors"]
+    assert main(base + ["--image-aggregator", str(saved[0]), "--json", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f).read_text())["rows"] for f in ("a.json", "b.json"))
+    assert [r["correct"] for r in a] == [r["correct"] for r in b]
+    capsys.readouterr()
+    # fitted on the first 3 views: applying it to the first 2 is another augmentation list
+    bad = [v if v != "3" else "2" for v in base] + ["--image-aggregator", str(saved[0])]
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert "fitted on the augmentations" in err and "Traceback" not in err
+    # another model (weights fingerprint / spec) is refused too
+    other = [v if v != "zoo/fmnist_resnet18.safetensors" else "zoo/fmnist_mobilenetv2_100.safetensors" for v in base]
+    assert main(other + ["--image-aggregator", str(saved[0])]) == 2
+    assert "refit it" in capsys.readouterr().err

@@ -40,7 +40,9 @@ def test_gps_with_one_candidate_is_temperature_scaled_identity():
     for budget in (1, 3):
         agg = imgtta.fit_gps(logits, y, names, budget)
         assert agg.picks == [0] * budget and agg.used() == [0]
-        want = torch.log_softmax(logits[:, 0] / agg.temperature, -1)
+        t = imgtta.fit_temperature(logits[:, 0], y)  # fitted on its own, not read off the aggregator
+        assert agg.temperature == pytest.approx(t, rel=1e-9)
+        want = torch.log_softmax(logits[:, 0] / t, -1)
         assert torch.allclose(agg(logits), want, atol=1e-6)
 
 

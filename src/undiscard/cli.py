@@ -106,8 +106,20 @@ def _csv(text: str) -> list[str]:
 
 
 def cmd_eval(args) -> int:
+    if args.aggregate is None:
+        args.aggregate = "mean,entropy" if args.image_tta == "none" else "entropy"
+    if args.image_tta == "none":
+        for flag, given in (("--image-budget", args.image_budget is not None),
+                            ("--image-aggregator", args.image_aggregator is not None),
+                            ("--save-image-aggregators", args.save_image_aggregators is not None)):
+            if given:
+                raise UndiscardError(f"{flag} needs --image-tta METHOD (image-space TTA is off)")
     if args.task == "segmentation":
         from undiscard.seg_eval import cmd_eval_segmentation
+
+        if args.image_tta != "none":
+            raise UndiscardError("--image-tta is for classification; segmentation evaluates the feature-space "
+                                 "method alone (--task segmentation)")
 
         return cmd_eval_segmentation(args)
     if args.image_tta != "none":
@@ -153,6 +165,10 @@ def _tta_config(args, **kw):
         raise UndiscardError(f"--tta-pool and --tta-val-images must be positive; got {args.tta_pool}, {args.tta_val_images}")
     data = args.data if ":" in args.data or Path(args.data).expanduser().is_dir() else f"{args.data}:test"
     crit, agg = _csv(args.criterion), _csv(args.aggregate)
+    for flag, vals in (("--criterion", crit), ("--aggregate", agg)):
+        if len(vals) > 1:
+            raise UndiscardError(f"with image-space TTA {flag} takes ONE value (the feature-space method of every "
+                                 f"view); got {','.join(vals)}")
     return TTAConfig(model=args.model, data=data, val_data=args.tta_val, val_images=args.tta_val_images, limit=args.limit,
                      start=args.start, pool=args.tta_pool, criterion=crit[0] if crit else "entropy",
                      aggregate=agg[0] if agg else "entropy", aggregator=args.aggregator,
@@ -175,12 +191,20 @@ def _cmd_eval_image_tta(args) -> int:
     from undiscard.method import budgets_from
     from undiscard.tta_eval import cli_rows, format_tta, run_tta
 
-    if args.image_budget < 1:
+    if args.image_tta == "flips":
+        if args.image_budget is not None:
+            raise UndiscardError("--image-budget does not apply to --image-tta flips (identity + horizontal flip: 2 views)")
+    elif args.image_budget is None:
+        args.image_budget = 4
+    elif args.image_budget < 1:
         raise UndiscardError(f"--image-budget must be positive; got {args.image_budget}")
+    if args.image_aggregator is not None and args.image_tta not in ("gps", "augtta", "classtta"):
+        raise UndiscardError(f"--image-aggregator loads a fitted gps / augtta / classtta aggregator; "
+                             f"--image-tta {args.image_tta} has nothing to fit")
     for flag, bad in (("--single-states", args.single_states), ("--no-align", args.no_align), ("--plot", args.plot)):
         if bad:
             raise UndiscardError(f"{flag} is not available with --image-tta (it applies to the feature-space table)")
-    cfg = _tta_config(args)
+    cfg = _tta_config(args, load_aggregator=args.image_aggregator, save_aggregators=args.save_image_aggregators)
     rows = cli_rows(args.image_tta, args.image_budget, budgets_from(args.budget))
     result = run_tta(cfg, rows, fresh=args.fresh)
     print(format_tta(result))
@@ -193,6 +217,9 @@ def cmd_tta_study(args) -> int:
     from undiscard.tta_eval import format_tta, run_tta, study_rows
 
     totals = budgets_from(args.totals)
+    if args.feature_budget < 2:
+        raise UndiscardError(f"--feature-budget is B_feat of the rows with ours and must be >= 2 (1 is the image "
+                             f"method alone, already in the table); got {args.feature_budget}")
     cfg = _tta_config(args)
     result = run_tta(cfg, study_rows(totals, args.feature_budget), fresh=args.fresh)
     result["study"] = {"totals": totals, "feature_budget": args.feature_budget}
@@ -261,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", default="fashion-mnist", help="fashion-mnist[:train|val|test] (default test) or an image folder")
     sp.add_argument("--budget", default="1,2,4,8,16", help="budgets B, comma-separated (default 1,2,4,8,16)")
     sp.add_argument("--criterion", default="entropy", help="search criteria, comma-separated: entropy,learned,random,displacement")
-    sp.add_argument("--aggregate", default="mean,entropy", help="aggregations, comma-separated: mean,entropy,attention")
+    sp.add_argument("--aggregate", default=None,
+                    help="aggregations, comma-separated: mean,entropy,attention (default mean,entropy; with "
+                         "--image-tta ONE, default entropy)")
     sp.add_argument("--aggregator", default=None, help="trained aggregator (.safetensors) for attention / learned")
     sp.add_argument("--searchable", default="inner", help="searchable sites: inner (default), main, all, or 1,2,3")
     sp.add_argument("--no-align", action="store_true", help="aggregate unaligned maps (ablation)")
@@ -289,8 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--image-tta", default="none", choices=("none", "flips", "mean", "max", "gps", "augtta", "classtta"),
                     help="image-space TTA stacked on the method: each view gets B_feat = each --budget states; "
                          "learned aggregators are fitted on --tta-val (default none: feature space only)")
-    sp.add_argument("--image-budget", type=int, default=4,
-                    help="image views (GPS: picks with replacement; others: the first N of the pool; flips: 2)")
+    sp.add_argument("--image-budget", type=int, default=None,
+                    help="image views (default 4; GPS: picks with replacement; others: the first N of the pool; "
+                         "not with flips, which is 2 views)")
+    sp.add_argument("--image-aggregator", default=None,
+                    help="a fitted gps/augtta/classtta aggregator (.safetensors from --save-image-aggregators) to "
+                         "apply instead of fitting one; refused if fitted on another view list, model or input size")
+    sp.add_argument("--save-image-aggregators", default=None, metavar="DIR",
+                    help="save every fitted image aggregator here, one .safetensors per row")
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("tta-study", help="image-space TTA baselines without and with recovered activations, at equal B_total",

@@ -131,6 +131,8 @@ class ImageAggregator(nn.Module):
         temperature: GPS temperature (float; 1.0 for the others).
         picks: GPS picks, indices into ``names`` (length ``budget``); None otherwise.
         weights: AugTTA ``(A,)`` / ClassTTA ``(A, K)`` weights; None otherwise.
+        context: what else the fit depended on (e.g. the model and the input size the
+            views were made for), saved with it and checked by :meth:`load`.
 
     Example:
         >>> agg = mean_aggregator(["identity", "hflip"])
@@ -148,6 +150,7 @@ class ImageAggregator(nn.Module):
         weights: torch.Tensor | None = None,
         trained_on: str = "",
         budget: int | None = None,
+        context: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         if method not in METHODS:
@@ -173,6 +176,7 @@ class ImageAggregator(nn.Module):
         else:
             self.weights = None
         self.budget = int(budget) if budget is not None else (len(self.picks) if self.picks else a)
+        self.context = {str(k): str(v) for k, v in (context or {}).items()}
 
     def used(self) -> list[int]:
         """Indices (sorted) of the augmentations the prediction depends on."""
@@ -227,6 +231,7 @@ class ImageAggregator(nn.Module):
             "budget": str(self.budget),
             "temperature": repr(self.temperature),
             "picks": json.dumps(self.picks),
+            "context": json.dumps(self.context, sort_keys=True),
         }
         tmp = out.with_name(out.name + ".tmp")
         save_file(tensors, str(tmp), metadata=meta)
@@ -234,12 +239,15 @@ class ImageAggregator(nn.Module):
         return out
 
     @classmethod
-    def load(cls, path: str | os.PathLike, names: Sequence[str] | None = None) -> "ImageAggregator":
-        """Load an aggregator; with ``names`` (the current augmentation list) check it matches.
+    def load(cls, path: str | os.PathLike, names: Sequence[str] | None = None,
+             context: dict[str, str] | None = None) -> "ImageAggregator":
+        """Load an aggregator; with ``names`` (the current augmentation list) check it matches,
+        with ``context`` check every key the file also records (e.g. model, input size).
 
         Raises:
-            UndiscardError: a missing or foreign file, or ``names`` differing from the
-                list it was fitted with (other augmentations, or another order).
+            UndiscardError: a missing or foreign file, ``names`` differing from the
+                list it was fitted with (other augmentations, or another order), or a
+                ``context`` value differing from the saved one.
         """
         from safetensors import safe_open
 
@@ -270,6 +278,12 @@ class ImageAggregator(nn.Module):
                     "Use the list it was fitted with (same names, same order), or refit the aggregator "
                     "on logits cached for the current list."
                 )
+        saved_ctx = json.loads(meta.get("context", "{}"))
+        for k, v in (context or {}).items():
+            if k in saved_ctx and saved_ctx[k] != str(v):
+                raise UndiscardError(
+                    f"{p} was fitted with {k} = {saved_ctx[k]!r}, but it is now {str(v)!r}: refit it for this setting"
+                )
         picks = json.loads(meta.get("picks", "null"))
         return cls(
             meta["method"],
@@ -279,6 +293,7 @@ class ImageAggregator(nn.Module):
             weights=tensors.get("weights"),
             trained_on=meta.get("trained_on", ""),
             budget=int(meta["budget"]),
+            context=saved_ctx,
         ).eval()
 
 

@@ -65,6 +65,8 @@ class TTAConfig:
     repeats: int = 3
     threads: int = 0
     cache_dir: str = "runs/cache"
+    load_aggregator: str | None = None  # a fitted image aggregator applied instead of fitting (learned rows)
+    save_aggregators: str | None = None  # a folder: every fitted learned aggregator saved there
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ def run_tta(cfg: TTAConfig, rows: list[Row], *, log=_log, save=None, fresh: bool
     """Fit every row's image aggregator on validation, evaluate on test, time it (see the module docstring)."""
     from undiscard.compose import ImageTTA
     from undiscard.evaluate import load_data
-    from undiscard.imgtta import LogitsCache, fit_image_aggregator, max_aggregator, mean_aggregator
+    from undiscard.imgtta import ImageAggregator, LogitsCache, fit_image_aggregator, max_aggregator, mean_aggregator
     from undiscard.method import Undiscard
     from undiscard.models import load_model
     from undiscard.policy import _ratios_to_plain
@@ -181,6 +183,11 @@ def run_tta(cfg: TTAConfig, rows: list[Row], *, log=_log, save=None, fresh: bool
     xt, yt, test_name = load_data(cfg.data, loaded.input_size, cfg.limit, cfg.start)
     if len(yv) == 0 or len(yt) == 0:
         raise UndiscardError(f"no images: {len(yv)} validation ({cfg.val_data}), {len(yt)} test ({cfg.data})")
+    from undiscard.aggregator import backbone_fingerprint
+
+    fingerprint = backbone_fingerprint(model)
+    size_tag = "x".join(str(v) for v in loaded.input_size)
+    context = {"model": loaded.spec, "weights": fingerprint, "input_size": size_tag}
     mean, std = _norm(loaded.input_size)
     pool = augmentation_pool(tuple(loaded.input_size[1:]), mean, std, n=cfg.pool)
     names = [t.name for t in pool]
@@ -191,7 +198,8 @@ def run_tta(cfg: TTAConfig, rows: list[Row], *, log=_log, save=None, fresh: bool
     feats = sorted({r.b_feat for r in rows} | {1})
     if feats[-1] > space:
         raise UndiscardError(f"B_feat {feats[-1]} exceeds the search space of {space} states; lower it")
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("threads", "cache_dir")}
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k not in ("threads", "cache_dir", "load_aggregator", "save_aggregators")}
     settings.update(val_images=int(len(yv)), test_images=int(len(yt)), pool_names=names)
 
     # ---- 1. validation logits of every view a fit may need (cached)
@@ -200,8 +208,11 @@ def run_tta(cfg: TTAConfig, rows: list[Row], *, log=_log, save=None, fresh: bool
 
     caches = {}
     for split, x, spec, start in (("val", xv, cfg.val_data, 0), ("test", xt, cfg.data, cfg.start)):
-        meta = {"model": cfg.model, "data": spec, "images": str(int(x.shape[0])), "start": str(start),
-                "pool": json.dumps(names), "feature": json.dumps({k: str(v) for k, v in wrap_kw.items()}, sort_keys=True)}
+        # Entries are keyed by view name and B_feat, so another pool size reuses them; the
+        # weights' fingerprint catches a checkpoint retrained under the same path.
+        meta = {"model": cfg.model, "weights": fingerprint, "input_size": size_tag, "data": spec,
+                "images": str(int(x.shape[0])), "start": str(start),
+                "feature": json.dumps({k: str(v) for k, v in wrap_kw.items()}, sort_keys=True)}
         path = _cache_path(cfg, f"{spec}@{start}+{x.shape[0]}")
         if fresh and path.exists():
             path.unlink()
@@ -239,11 +250,21 @@ def run_tta(cfg: TTAConfig, rows: list[Row], *, log=_log, save=None, fresh: bool
             agg = mean_aggregator(sub)
         elif r.method == "max":
             agg = max_aggregator(sub)
+        elif cfg.load_aggregator is not None:
+            agg = ImageAggregator.load(cfg.load_aggregator, names=sub, context=context)
+            if agg.method != r.method or (r.method == "gps" and agg.budget != r.m):
+                raise UndiscardError(
+                    f"{cfg.load_aggregator} is a {agg.method} aggregator with budget {agg.budget}; asked for "
+                    f"{r.method} at image budget {r.m}")
         else:
             fit_b = 1 if r.trained_on == "plain" else r.b_feat
             trained = "plain logits" if fit_b == 1 else f"undiscard B_feat={fit_b} logits"
             kw = {"budget": r.m} if r.method == "gps" else {}
             agg = fit_image_aggregator(r.method, stack("val", idx, fit_b), yv, sub, trained_on=trained, **kw)
+            agg.context = dict(context)
+            if cfg.save_aggregators:
+                saved = agg.save(Path(cfg.save_aggregators) / f"{r.method}-m{r.m}-fit_bfeat{fit_b}.safetensors")
+                log(f"saved {saved}")
         fitted.append((r, agg, idx))
 
     # ---- 3. test logits of the views the fitted aggregators use (cached), evaluate
