@@ -749,6 +749,7 @@ class SegmentationUndiscard(nn.Module):
         self.last_engine = engine  # what the last search ran on ("rerun (fallback)" when the trie could not share)
         self._sites: dict[tuple, SiteMap] = {}
         self._workspace = _Workspace()
+        self._crosses: set[tuple] = set()  # input sizes at which the model was seen to cross a searched site
 
     def sites_for(self, x: torch.Tensor) -> SiteMap:
         """The sites of the model at ``x``'s size (found once per input size)."""
@@ -772,7 +773,12 @@ class SegmentationUndiscard(nn.Module):
         L = len(sites.searchable)
         rows = [0] * L
         box: dict[str, Any] = {"ev": None, "engine": self.engine, "level": L}
-        if self.engine == "trie":
+        size_key = tuple(x.shape[1:])
+        if self.engine == "trie" and size_key in self._crosses:
+            # an earlier search at this size found a tensor crossing a searched site: the trie
+            # cannot share on this model, so do not spend a first pass finding that out again
+            box["engine"] = "rerun (fallback)"
+        elif self.engine == "trie":
             box["ev"] = SharedPrefixEvaluator(self.model, x, sites, forward=fwd, max_batch=self.max_batch)
 
         def rerun(img: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
@@ -820,6 +826,8 @@ class SegmentationUndiscard(nn.Module):
 
         def finish() -> None:
             ev = box["ev"]
+            if box["engine"] == "rerun (fallback)":
+                self._crosses.add(size_key)
             prior = box.get("prior") or (ev.rows if ev is not None else [0] * L)
             self.last_rows = [a + b for a, b in zip(prior, rows)]
             self.last_engine = box["engine"]
