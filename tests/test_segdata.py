@@ -25,6 +25,9 @@ from undiscard.segdata import (
     SEG_THRESHOLD,
     CanvasLayout,
     CanvasSegmentation,
+    FolderSegmentation,
+    InMemorySegmentation,
+    LazySegmentation,
     SegMetrics,
     ade20k,
     canvas_layout,
@@ -32,6 +35,7 @@ from undiscard.segdata import (
     cityscapes,
     fashion_mnist_canvas,
     load_segmentation,
+    open_segmentation,
     render_canvases,
 )
 
@@ -313,7 +317,7 @@ def test_load_segmentation_folder_specs_and_size_rules(tmp_path):
     x, _, _, _, _ = load_segmentation(f"cityscapes:{tmp_path / 'cs'}:val", 6, limit=1, start=1)
     assert x.shape == (1, 3, 6, 6)
     make_ade(tmp_path / "ade", "validation", sizes=((8, 16), (12, 8)))
-    with pytest.raises(InputError, match="pass a size"):
+    with pytest.raises(InputError, match="pass a size: undiscard eval --size H\\[,W\\]"):
         load_segmentation(f"ade20k:{tmp_path / 'ade'}", None, None)
     x, y, name, k, _ = load_segmentation(f"ade20k:{tmp_path / 'ade'}:validation", (8, 8), None)
     assert x.shape == (2, 3, 8, 8) and (name, k) == ("ade20k:validation", 150)
@@ -322,6 +326,32 @@ def test_load_segmentation_folder_specs_and_size_rules(tmp_path):
     for bad in ("imagenet", "cityscapes", "cityscapes:", "fashion-mnist-seg:holdout"):
         with pytest.raises(UndiscardError, match="accepted forms"):
             load_segmentation(bad, None, None)
+
+
+def test_open_segmentation_reads_folder_sets_per_batch_only(tmp_path, monkeypatch):
+    make_ade(tmp_path / "ade", "validation", sizes=((8, 16), (12, 8), (16, 16), (8, 8), (12, 12)))
+    spec = f"ade20k:{tmp_path / 'ade'}"
+    decoded: list[int] = []
+    real = FolderSegmentation.__getitem__
+    monkeypatch.setattr(FolderSegmentation, "__getitem__", lambda self, i: decoded.append(i) or real(self, i))
+    data, name, k, ignore = open_segmentation(spec, (8, 12), limit=4, start=1)
+    assert isinstance(data, LazySegmentation) and (name, k, ignore) == ("ade20k:validation", 150, 255)
+    assert len(data) == 4 and data.channels == 3 and data.image_size == (8, 12)
+    assert decoded == [] and data.reads == 0  # nothing decoded until asked
+    x, y = data.batch(1, 3)
+    assert decoded == [2, 3] and data.reads == 2 and x.shape == (2, 3, 8, 12) and y.shape == (2, 8, 12)
+    assert data.batch(3, 10)[0].shape[0] == 1 and data.batch(4, 6)[0].shape == (0, 3, 8, 12)  # clipped to the end
+    decoded.clear()
+    xa, ya, _, _, _ = load_segmentation(spec, (8, 12), limit=4, start=1)  # the eager form: the same tensors
+    assert torch.equal(xa[1:3], x) and torch.equal(ya[1:3], y) and decoded == [1, 2, 3, 4]
+    with pytest.raises(InputError, match="--size H"):
+        open_segmentation(spec, None)
+    # the canvases are rendered at once and held as tensors
+    fake = torch.zeros(3, 1, 4, 4), torch.zeros(3, 4, 4, dtype=torch.int64)
+    monkeypatch.setattr("undiscard.segdata.fashion_mnist_canvas", lambda *a, **kw: fake)
+    mem, name, _, _ = open_segmentation("fashion-mnist-seg:val")
+    assert isinstance(mem, InMemorySegmentation) and name == "fashion-mnist-seg:val" and len(mem) == 3
+    assert mem.batch(1, 5)[0].shape == (2, 1, 4, 4)
 
 
 # ------------------------------------------------------------------------ metrics

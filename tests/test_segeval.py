@@ -146,3 +146,164 @@ def test_train_segmenter_writes_a_checkpoint_that_loads_and_refuses_a_foreign_re
     torch.save({"recipe": {"arch": "other"}}, out.with_name(out.name + ".resume.pt"))
     with pytest.raises(Exception, match="another recipe"):
         train_segmenter(recipe, out, log=lambda m: None)
+
+
+# ---------------------------------------------------------------- --size, folder sets read per batch
+
+def test_size_is_refused_for_classification_in_either_order(capsys):
+    for argv in (["eval", "timm:resnet18", "--size", "64", "--limit", "2"],
+                 ["eval", "timm:resnet18", "--size", "64", "--task", "classification"],
+                 ["eval", "timm:resnet18", "--task", "classification", "--size", "64,32"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "undiscard: error: --size is a segmentation option" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("bad", ["0", "64,0", "a", "1,2,3", "64x64"])
+def test_a_malformed_size_is_a_clear_error(bad, capsys):
+    assert main(["eval", "seg:deeplabv3-tiny", "--task", "segmentation", "--size", bad, "--limit", "2"]) == 2
+    assert "--size takes H or H,W" in capsys.readouterr().err
+
+
+def _ade_mixed(root: Path, n: int = 6) -> Path:
+    from test_segdata import make_ade
+
+    make_ade(root, "validation", sizes=[((8, 16), (12, 8), (16, 16))[i % 3] for i in range(n)])
+    return root
+
+
+def test_mixed_size_ade20k_needs_and_evaluates_with_size(tmp_path, capsys):
+    root = _ade_mixed(tmp_path / "ade")
+    base = ["eval", "seg:deeplabv3-tiny", "--task", "segmentation", "--data", f"ade20k:{root}", "--batch-size", "2",
+            "--budget", "1,2", "--timing-images", "1", "--repeats", "1"]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "different sizes" in err and "--size H[,W]" in err
+    out = tmp_path / "r.json"
+    assert main([*base, "--size", "32,48", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["images"] == 6 and res["num_classes"] == 150 and res["input_size"] == [3, 32, 48]
+    assert res["data"] == "ade20k:validation" and res["config"]["size"] == [32, 48]
+    assert res["rows"][0]["budget"] == 1 and res["rows"][0]["miou"] == res["plain"]["miou"]
+    # the size is part of the saved configuration: a partial file of another size is not resumed
+    partial = tmp_path / "p.partial.pt"
+    torch.save({"version": 2, "config": {**res["config"], "size": [32, 32]}, "batches": 1, "done": 2, "stats": {}},
+               partial)
+    assert main([*base, "--size", "32,48", "--json", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err
+    assert "other arguments" in err and "size" in err and "--fresh" in err
+
+
+def test_folder_sets_are_read_a_batch_at_a_time(tmp_path, monkeypatch):
+    from undiscard.seg_eval import FIGURE_IMAGES
+    from undiscard.segdata import LazySegmentation
+
+    root = _ade_mixed(tmp_path / "ade", n=7)
+    asked: list[int] = []
+    real = LazySegmentation.batch
+
+    def batch(self, lo, hi):
+        x, y = real(self, lo, hi)
+        asked.append(x.shape[0])
+        return x, y
+
+    monkeypatch.setattr(LazySegmentation, "batch", batch)
+    cfg = SegEvalConfig(model="seg:deeplabv3-tiny", data=f"ade20k:{root}", size=[32, 32], batch_size=2, budgets=[1, 2],
+                        timing_images=1, repeats=1)
+    res = run_seg_eval(cfg, None, log=lambda m: None, figure=tmp_path / "f.png")
+    assert res["images"] == 7 and (tmp_path / "f.png").exists()
+    # one probe image, the four evaluation batches (2, 2, 2, 1), the timing image, the figure's first images
+    assert asked == [1, 2, 2, 2, 1, 1, FIGURE_IMAGES]
+    assert max(asked) < 7
+
+
+def test_old_partial_files_are_refused_with_a_hint_to_start_fresh(tmp_path):
+    cfg = SegEvalConfig(model="seg:deeplabv3-tiny", limit=2, batch_size=2, budgets=[1, 2], timing_images=1, repeats=1)
+    out = tmp_path / "a.json"
+    torch.save({"version": 1, "config": dict(cfg.__dict__), "batches": 1, "done": 2,
+                "confusion": {"plain": torch.zeros(2, 11, 11, dtype=torch.int64)}}, out.with_suffix(".partial.pt"))
+    with pytest.raises(Exception, match="version 1.*--fresh"):
+        run_seg_eval(cfg, out, log=lambda m: None)
+
+
+# ---------------------------------------------------------------- default budgets
+
+def test_default_budgets_drop_those_above_a_small_search_space(tmp_path, capsys):
+    base = ["eval", "seg:deeplabv3-tiny", "--task", "segmentation", "--searchable", "2", "--limit", "2",
+            "--batch-size", "2", "--timing-images", "1", "--repeats", "1"]
+    out = tmp_path / "r.json"
+    assert main([*base, "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "dropped" in line]
+    assert len(notes) == 1 and "10" in notes[0] and "4 states" in notes[0]
+    res = json.loads(out.read_text())
+    assert sorted({r["budget"] for r in res["rows"]}) == [1, 4] and res["sites"]["space_size"] == 4
+    assert res["config"]["budgets"] == [1, 4, 10] and any("dropped" in n for n in res["notes"])
+    # an explicit --budget above the search space stays an error, even the default's values
+    assert main([*base, "--budget", "1,4,10"]) == 2
+    assert "budget 10 exceeds the search space of 4 states" in capsys.readouterr().err
+
+
+def test_default_budgets_per_task():
+    from undiscard.cli import build_parser
+    from undiscard.method import budgets_from
+
+    args = build_parser().parse_args(["eval", "timm:resnet18"])
+    assert budgets_from(args.budget) == [1, 2, 4, 8, 16]  # classification: unchanged
+    assert build_parser().parse_args(["eval", "m", "--budget", "1,2"]).budget == "1,2"
+
+
+# ---------------------------------------------------------------- per-image TP / FP / FN
+
+def _confusion_reference(pred, target, k, ignore):
+    """The former per-image (N, K, K) confusion matrices."""
+    n = pred.shape[0]
+    t, p = target.reshape(n, -1).long(), pred.reshape(n, -1).long()
+    keep = t != ignore
+    img = torch.arange(n)[:, None].expand_as(t)
+    idx = (img * k * k + t.clamp(0, k - 1) * k + p)[keep]
+    return torch.bincount(idx, minlength=n * k * k).reshape(n, k, k)
+
+
+def _bootstrap_reference(method, plain, resamples=1000, seed=0):
+    """The former bootstrap over per-image confusion matrices."""
+    def miou(conf):
+        tp = conf.diagonal(dim1=1, dim2=2)
+        union = conf.sum(1) + conf.sum(2) - tp
+        iou = torch.where(union > 0, tp / union.clamp_min(1), torch.zeros_like(tp))
+        return 100.0 * iou.sum(1) / (union > 0).sum(1).clamp_min(1)
+
+    n, k = plain.shape[0], plain.shape[-1]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(n, (resamples, n), generator=g)
+    w = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(resamples, n, dtype=torch.float64))
+    gain = (miou((w @ method.reshape(n, -1).double()).reshape(-1, k, k))
+            - miou((w @ plain.reshape(n, -1).double()).reshape(-1, k, k)))
+    return tuple(torch.quantile(gain, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist())
+
+
+@pytest.mark.parametrize("k,seed", [(11, 0), (150, 1), (3, 2)])
+def test_per_image_counts_give_the_numbers_of_confusion_matrices_bit_for_bit(k, seed):
+    from undiscard.seg_eval import bootstrap_gain, per_image_stats, summarize_stats
+    from undiscard.segdata import SegMetrics
+
+    g = torch.Generator().manual_seed(seed)
+    n, ignore = 40, 255
+    target = torch.randint(0, k, (n, 24, 20), generator=g)
+    target[torch.rand(target.shape, generator=g) < 0.1] = ignore
+    plain = torch.where(torch.rand(target.shape, generator=g) < 0.6, target.clamp(max=k - 1),
+                        torch.randint(0, k, target.shape, generator=g))
+    method = torch.where(torch.rand(target.shape, generator=g) < 0.1, target.clamp(max=k - 1), plain)
+    for pred in (plain, method):
+        stats = per_image_stats(pred, target, k, ignore)
+        conf = _confusion_reference(pred, target, k, ignore)
+        assert stats.shape == (n, 3, k) and stats.dtype == torch.int32
+        tp = conf.diagonal(dim1=1, dim2=2)
+        assert torch.equal(stats.long(), torch.stack([tp, conf.sum(1) - tp, conf.sum(2) - tp], 1))
+        m = SegMetrics(k, ignore).update(pred, target)
+        got = summarize_stats(stats.sum(0))
+        assert got["miou"] == 100.0 * m.miou() and got["pixel_accuracy"] == 100.0 * m.pixel_accuracy()
+        assert got["per_class_iou"] == [None if v != v else round(100.0 * float(v), 3) for v in m.per_class_iou().tolist()]
+    sm, sp = per_image_stats(method, target, k, ignore), per_image_stats(plain, target, k, ignore)
+    cm, cp = _confusion_reference(method, target, k, ignore), _confusion_reference(plain, target, k, ignore)
+    assert bootstrap_gain(sm, sp, seed=3) == _bootstrap_reference(cm, cp, seed=3)

@@ -15,10 +15,13 @@ import torch.nn.functional as F
 
 import undiscard
 from undiscard.segment import (
+    _LEVEL,
+    _SkipAlignMode,
     aggregate_dense,
     align_dense,
     dense_forward,
     dense_logits,
+    level_displacements,
     mean_pixel_entropy,
     upsample_logits,
     wrap_segmentation,
@@ -45,7 +48,11 @@ def _input(name: str, n: int = 2, size: int = 64) -> torch.Tensor:
     return torch.randn(n, c, size, size, generator=torch.Generator().manual_seed(1))
 
 
-EXACT = ["deeplabv3_resnet50", "fcn_resnet50", "deeplabv3-tiny", "segformer-tiny"] + (["smp:Unet:resnet18"] if HAS_SMP else [])
+NEEDS_SMP = pytest.mark.skipif(not HAS_SMP, reason="segmentation_models_pytorch is not installed")
+SMP = [pytest.param(f"smp:{arch}:resnet18", marks=NEEDS_SMP, id=f"smp:{arch}:resnet18")
+       for arch in ("Unet", "FPN", "DeepLabV3Plus")]  # skipped visibly, never dropped from the lists
+
+EXACT = ["deeplabv3_resnet50", "fcn_resnet50", "deeplabv3-tiny", "segformer-tiny", *SMP]
 
 
 @pytest.mark.parametrize("name", EXACT)
@@ -79,11 +86,13 @@ def test_dilated_backbone_counts_only_the_real_subsampling_sites():
 
 
 class CircularSegNet(nn.Module):
-    """Circular-padded convs (kernel = 2*pad + 1), four stride-2 sites, cell logits repeated to
-    input size (an exact upsampling), so that net_s(x) == net_0(roll(x, -Delta)) exactly."""
+    """Circular-padded convs (kernel = 2*pad + 1), four stride-2 sites, cell logits repeated
+    ``rep`` times (16: to input size, an exact upsampling), so that net_s(x) == net_0(roll(x, -Delta))
+    exactly (at the net's own output resolution when ``rep`` < 16)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rep: int = 16) -> None:
         super().__init__()
+        self.rep = rep
         torch.manual_seed(0)
         c = dict(padding_mode="circular")
         self.stem = nn.Conv2d(2, 4, 3, 2, 1, **c)
@@ -96,7 +105,7 @@ class CircularSegNet(nn.Module):
     def forward(self, x):
         y = torch.relu(self.mid(torch.relu(self.stem(x))))
         y = self.head(torch.relu(self.down3(torch.relu(self.down2(torch.relu(self.down1(y)))))))
-        return y.repeat_interleave(16, -2).repeat_interleave(16, -1)
+        return y.repeat_interleave(self.rep, -2).repeat_interleave(self.rep, -1)
 
 
 @torch.no_grad()
@@ -121,6 +130,37 @@ def test_aligned_dense_output_of_every_state_equals_the_default_on_the_rolled_im
         torch.testing.assert_close(m[:, dh:, dw:], r[:, dh:, dw:], rtol=1e-12, atol=1e-12)
     # a wrong direction of the shift is caught by the same comparison
     wrong, _ = align_dense(found.logits[0], -found.delta[0], "circular")
+    assert (wrong - ref).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_roll_test_holds_exactly_through_the_bilinear_upsampling_of_quarter_size_logits():
+    """The same roll test with a net whose logits are 1/4 of the input size. The library
+    upsamples each state's logits (bilinear) BEFORE the +Delta shift, so the invariant
+    aligned_s(x) == roll(D_0(roll(x, -Delta)), +Delta) still holds exactly, D_0 being the default
+    state's input-size output (dense_logits: the upsampled plain logits). It would not hold if the
+    shift were applied at the native resolution and the upsampling after it (most Delta are not
+    whole 4-px cells); that order is checked to differ. Also checked through combine (mean)."""
+    net = CircularSegNet(rep=4).double().eval()
+    x = torch.randn(1, 2, 32, 48, dtype=torch.double, generator=torch.Generator().manual_seed(2))
+    w = wrap_segmentation(net, budget=256, criterion="displacement", searchable="main", fill="circular")
+    found = w.search(x)
+    assert found.logits.shape == (1, 256, 3, 8, 12)  # the native 1/4 size is what the search keeps
+    delta = found.delta[0]
+    assert int(delta.max()) == 15 and bool((delta % 4 != 0).any())
+    rolled = torch.cat([torch.roll(x, (-int(dh), -int(dw)), (-2, -1)) for dh, dw in delta.tolist()])
+    d0 = dense_logits(net, rolled)
+    assert d0.shape == (256, 3, 32, 48)
+    ref = torch.stack([torch.roll(y, (int(dh), int(dw)), (-2, -1)) for y, (dh, dw) in zip(d0, delta.tolist())])
+    aligned, valid = align_dense(upsample_logits(found.logits[0], (32, 48)), delta, "circular")
+    assert valid is None
+    torch.testing.assert_close(aligned, ref, rtol=1e-12, atol=1e-12)
+    # the library's own pipeline (upsample, log-softmax, shift, mean) gives the mean of the reference
+    torch.testing.assert_close(w.combine(found, 256, "mean").exp(), ref.softmax(1).mean(0, keepdim=True),
+                               rtol=1e-10, atol=1e-12)
+    # shifting first, then upsampling, is another thing: the test would see the wrong order
+    cells = [(dh // 4, dw // 4) for dh, dw in delta.tolist()]
+    wrong = upsample_logits(torch.stack([torch.roll(y, c, (-2, -1)) for y, c in zip(found.logits[0], cells)]), (32, 48))
     assert (wrong - ref).abs().max() > 1e-3
 
 
@@ -210,12 +250,31 @@ class TinyUNet(nn.Module):
         return self.out(torch.cat([F.interpolate(y, scale_factor=2.0), s0], 1))
 
 
-CROSS = ["tiny-unet", "segformer-tiny"] + (["smp:Unet:resnet18"] if HAS_SMP else [])
+CROSS = ["tiny-unet", "segformer-tiny", *SMP]
+
+
+def _alone(model: nn.Module, sites, x1: torch.Tensor, state: torch.Tensor, align_skips: bool) -> torch.Tensor:
+    """Native logits of ONE image under ONE state, by ``use_states`` on a batch of one (no search,
+    no trie, no store). With ``align_skips`` the forward runs inside the skip alignment for that
+    state, as the library's per-state forward does; the alignment's own arithmetic is pinned
+    independently by ``test_aligned_skips_shift_the_deep_map_onto_the_shallow_grid_before_the_fusion``."""
+    fwd = dense_forward(model)
+    xin = x1.clone()
+    with torch.no_grad(), undiscard.use_states(model, sites, state[None]):
+        if not align_skips:
+            return fwd(xin)[0]
+        setattr(xin, _LEVEL, 0)  # the input: before every searchable site
+        with _SkipAlignMode(sites, state[None], tuple(x1.shape[-2:])):
+            return fwd(xin)[0]
 
 
 @pytest.mark.parametrize("align_skips", [True, False])
 @pytest.mark.parametrize("name", CROSS)
 def test_cross_site_skips_give_the_same_logits_through_the_fast_path_and_the_fallback(name, align_skips):
+    """The trie detects the crossing and falls back; every (image, state) the search returns then
+    equals that image run alone under that state (an independent reference: the trie's fallback
+    and the engine="rerun" search run batches of 4 mixed images and states through the same code,
+    so comparing them with each other alone could not fail)."""
     model = TinyUNet().eval() if name == "tiny-unet" else seg_model(name)
     x = torch.randn(3, 1, 64, 64, generator=torch.Generator().manual_seed(6))
     res = {}
@@ -227,14 +286,27 @@ def test_cross_site_skips_give_the_same_logits_through_the_fast_path_and_the_fal
     (a, out_a, eng_a, lvl_a), (b, out_b, eng_b, lvl_b) = res["trie"], res["rerun"]
     assert eng_a == "rerun (fallback)" and eng_b == "rerun"
     assert torch.equal(a.states, b.states) and torch.equal(a.delta, b.delta) and lvl_a == lvl_b
+    sites = undiscard.find_sites(model, x[:1], searchable="main")
     # aligned skips put the output on the grid of the finest skip (tiny U-Net: before every searched site)
-    n_levels = len(undiscard.find_sites(model, x[:1], searchable="main").searchable)
+    n_levels = len(sites.searchable)
     if align_skips:
         assert lvl_a < n_levels and (lvl_a == 0 or name != "tiny-unet")
     else:
         assert lvl_a == n_levels
+    flat = a.states.flatten(0, 1)
+    assert torch.equal(a.delta.flatten(0, 1), level_displacements(sites, flat)[lvl_a])
+    if lvl_a == n_levels:
+        assert torch.equal(a.delta.flatten(0, 1), sites.displacement(flat))
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-5)
+    aligned_mattered = False
+    for i, t in [(0, t) for t in range(a.states.shape[1])] + [(1, 4), (2, 2), (2, 3)]:
+        ref = _alone(model, sites, x[i : i + 1], a.states[i, t], align_skips)
+        torch.testing.assert_close(a.logits[i, t], ref, rtol=1e-4, atol=1e-5)
+        if align_skips and t > 0 and not aligned_mattered:
+            plain = _alone(model, sites, x[i : i + 1], a.states[i, t], False)
+            aligned_mattered = bool((plain - ref).abs().max() > 1e-3)
+    assert aligned_mattered or not align_skips  # the alignment changed the logits of some state
 
 
 class SkipProbe(nn.Module):
@@ -283,9 +355,66 @@ def test_a_model_without_skips_shares_prefixes_with_the_same_results():
         with torch.no_grad():
             found = w.search(x)
             got[engine] = (found, w.combine(found), w.last_engine)
-    assert got["trie"][2] == "trie"
-    assert torch.equal(got["trie"][0].states, got["rerun"][0].states)
-    torch.testing.assert_close(got["trie"][1], got["rerun"][1], rtol=1e-4, atol=1e-5)
+    (a, out_a, eng_a), (b, out_b, eng_b) = got["trie"], got["rerun"]
+    assert eng_a == "trie" and eng_b == "rerun"  # no crossing: the trie did not fall back
+    assert torch.equal(a.states, b.states) and torch.equal(a.delta, b.delta)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out_a, out_b, rtol=1e-4, atol=1e-5)
+    # an independent reference: each (image, state) run alone (no skips, so nothing to align)
+    sites = w.sites_for(x)
+    assert torch.equal(a.delta.flatten(0, 1), sites.displacement(a.states.flatten(0, 1)))
+    for i, t in ((0, 0), (0, 3), (1, 5), (2, 2), (2, 4)):
+        torch.testing.assert_close(a.logits[i, t], _alone(model, sites, x[i : i + 1], a.states[i, t], False),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_the_trie_computes_fewer_rows_than_rerunning_on_a_model_without_skips():
+    model = seg_model("deeplabv3-tiny")
+    x = torch.randn(3, 1, 64, 64, generator=torch.Generator().manual_seed(7))
+    rows = {}
+    for engine in ("trie", "rerun"):
+        w = wrap_segmentation(model, budget=5, engine=engine, searchable="main")
+        with torch.no_grad():
+            w.search(x)
+        rows[engine] = (w.last_rows, w.last_engine)
+    (ra, ea), (rb, eb) = rows["trie"], rows["rerun"]
+    assert ea == "trie" and ra[-1] == rb[-1] == 3 * 5  # every state reached the last site once
+    assert ra[0] < rb[0]  # states that differ only at later sites resumed from the cached prefix
+
+
+@pytest.mark.parametrize("arch", ["deeplabv3", "segformer"])
+def test_cached_shifted_sums_equal_the_plain_aggregate_of_the_aligned_log_probabilities(arch):
+    """combine's default path (fill="mask": shifted sums over the search's cached probabilities,
+    _aggregate_shifted) equals the straightforward reference built from found.logits / found.delta,
+    for both aggregates and every budget; and so does the uncached path (cache_bytes = -1).
+    The shipped weights (trained, confident) make the entropy weights far from uniform; SegFormer's
+    logits are 1/4 size (the upsampling) and channels-last."""
+    model = load_segmenter(str(ROOT / "zoo" / f"fmnist_seg_{arch}.safetensors")).model
+    x = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(11))
+    w = wrap_segmentation(model, budget=6, searchable="main")
+    with torch.no_grad():
+        found = w.search(x)
+    assert found._store.keep_probs and found._store.finite  # the cached path is the one tested
+    n, big_b = found.states.shape[:2]
+    assert bool(found.delta.flatten(0, 1).any(1).sum() >= 3)  # shifted states, so masks matter
+    w_nc = wrap_segmentation(model, budget=6, searchable="main")
+    w_nc.cache_bytes = -1
+    with torch.no_grad():
+        uncached = w_nc.search(x)
+    assert not uncached._store.keep_probs and torch.equal(uncached.states, found.states)
+    for agg in ("mean", "entropy"):
+        for b in range(2, big_b + 1):
+            y = found.logits[:, :b].flatten(0, 1)
+            logp = torch.log_softmax(upsample_logits(y, (64, 64)), 1)
+            al, valid = align_dense(logp, found.delta[:, :b].flatten(0, 1), "mask")
+            valid = torch.ones_like(al[:, :1], dtype=torch.bool) if valid is None else valid
+            ref = aggregate_dense(al.view(n, b, *al.shape[1:]), valid.view(n, b, *valid.shape[1:]), agg)
+            with torch.no_grad():
+                got, slow = w.combine(found, b, agg), w_nc.combine(uncached, b, agg)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(slow, got, rtol=1e-5, atol=1e-5)
+    # the reference is not blind: another aggregate is far from it
+    assert (w.combine(found, big_b, "mean") - w.combine(found, big_b, "entropy")).abs().max() > 1e-3
 
 
 def test_batch_results_do_not_depend_on_the_other_images():

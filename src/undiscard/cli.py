@@ -282,11 +282,23 @@ def build_parser() -> argparse.ArgumentParser:
                                     "torchrun --nproc-per-node N -m undiscard eval MODEL ... shards the batches "
                                     "across N processes; rank 0 prints and writes the merged numbers, identical "
                                     "to one process's.")
-    sp.add_argument("model", help="a checkpoint (.safetensors from train-backbone) or timm:NAME")
+    sp.add_argument("model", help="a checkpoint (.safetensors from train-backbone) or timm:NAME; with --task "
+                                  "segmentation: a checkpoint from train-segmenter, seg:deeplabv3-tiny, "
+                                  "torchvision:deeplabv3_resnet50 (or fcn_resnet50, ...), smp:ARCH:ENCODER (e.g. "
+                                  "smp:Unet:resnet18) or transformers:ID (a Hugging Face SegFormer id or folder)")
     sp.add_argument("--task", choices=("classification", "segmentation"), default="classification",
                     help="classification (default: top-1, NLL, ECE) or segmentation (mIoU, pixel accuracy)")
-    sp.add_argument("--data", default="fashion-mnist", help="fashion-mnist[:train|val|test] (default test) or an image folder")
-    sp.add_argument("--budget", default="1,2,4,8,16", help="budgets B, comma-separated (default 1,2,4,8,16)")
+    sp.add_argument("--data", default="fashion-mnist",
+                    help="fashion-mnist[:train|val|test] (default test) or an image folder; with --task segmentation: "
+                         "fashion-mnist-seg[:split] (default fashion-mnist-seg:test), cityscapes:ROOT[:split] or "
+                         "ade20k:ROOT[:split]")
+    from undiscard.seg_eval import SizeOption  # --size: refused unless --task segmentation
+    sp.add_argument("--size", action=SizeOption, default=None, metavar="H[,W]",
+                    help="segmentation only: resize the images to H x W (H alone: square), bilinearly, and the label "
+                         "maps nearest-neighbour (needed for data sets of mixed image sizes such as ADE20K)")
+    sp.add_argument("--budget", default=(1, 2, 4, 8, 16),
+                    help="budgets B, comma-separated (default 1,2,4,8,16; with --task segmentation 1,4,10, leaving "
+                         "out those above the model's search space)")
     sp.add_argument("--criterion", default="entropy", help="search criteria, comma-separated: entropy,learned,random,displacement")
     sp.add_argument("--aggregate", default=None,
                     help="aggregations, comma-separated: mean,entropy,attention (default mean,entropy; with "
@@ -313,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "command resumes it (OUT.partial.pt, or OUT.shard{r}of{N}.partial.pt under torchrun)")
     sp.add_argument("--fresh", action="store_true",
                     help="delete the saved partial results of --json OUT and start over (needed after changing arguments)")
-    sp.add_argument("--plot", default=None, help="write a PNG of accuracy and cost vs budget")
+    sp.add_argument("--plot", default=None, help="write a PNG of accuracy and cost vs budget; with --task segmentation: "
+                                                 "the first images' input / ground truth / baseline / ours and mIoU "
+                                                 "vs budget")
     tta_args(sp)
     sp.add_argument("--image-tta", default="none", choices=("none", "flips", "mean", "max", "gps", "augtta", "classtta"),
                     help="image-space TTA stacked on the method: each view gets B_feat = each --budget states; "

@@ -3,18 +3,26 @@
 Per batch: the plain model's logits at input resolution, then ONE search per criterion
 at the largest budget; every smaller budget is read off the same search (a smaller
 budget's states are the first states of a larger one's, :func:`undiscard.search.greedy_search`),
-aggregated with each ``--aggregate`` and scored with a confusion matrix
-(:class:`undiscard.segdata.SegMetrics`: mIoU over the classes present, pixel accuracy;
-``ignore_index`` pixels not counted), kept per image so that a paired bootstrap over the
-images gives a 95% interval of each configuration's mIoU gain over the plain model. The cost is measured separately, side by side in
+aggregated with each ``--aggregate`` and scored per image and class by true positives,
+false positives and false negatives (:func:`per_image_stats`; ``ignore_index`` pixels not
+counted): their totals give mIoU over the classes present and pixel accuracy (the same
+numbers as :class:`undiscard.segdata.SegMetrics`' confusion matrix), and resampling the
+images a paired bootstrap 95% interval of each configuration's mIoU gain over the plain
+model. The images are read a batch at a time (:func:`undiscard.segdata.open_segmentation`:
+a Cityscapes / ADE20K split is never held in memory). The cost is measured separately, side by side in
 the same process: on ``--timing-images`` images, the plain forward and the full method
 (search + aggregation, nothing shared between budgets) at each budget, median of
 ``--repeats``, reported as ms/image and as a ratio to the plain forward.
 
-Resuming: with ``--json OUT`` the confusion matrices are saved atomically after every
-batch (``OUT.partial.pt``); rerunning the same command resumes where it stopped. State
-saved with other arguments is refused (``--fresh`` deletes it and starts over); it is
-deleted once the JSON is written.
+Resuming: with ``--json OUT`` the per-image counts (int32 ``(N, 3, K)`` per configuration)
+are saved atomically after every batch (``OUT.partial.pt``); rerunning the same command
+resumes where it stopped. State saved with other arguments, or by an older version in
+another format, is refused (``--fresh`` deletes it and starts over); it is deleted once
+the JSON is written.
+
+Budgets: without ``--budget`` the command evaluates B = 1, 4, 10 (:data:`DEFAULT_BUDGETS`)
+and drops, with a note, those above the model's search space; an explicit ``--budget``
+above it is an error.
 
 The figure (``--plot OUT.png``): the first few evaluated images (not picked), their
 ground truth, the plain model's prediction and the aggregated prediction at the largest
@@ -23,7 +31,9 @@ budget side by side, and mIoU vs budget.
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -36,15 +46,22 @@ import torch
 
 from undiscard.errors import UndiscardError
 
-__all__ = ["SegEvalConfig", "cmd_eval_segmentation", "format_seg_table", "plot_segmentation", "run_seg_eval"]
+__all__ = ["DEFAULT_BUDGETS", "SegEvalConfig", "SizeOption", "bootstrap_gain", "cmd_eval_segmentation",
+           "format_seg_table", "parse_size", "per_image_stats", "plot_segmentation", "run_seg_eval",
+           "summarize_stats"]
 
 FIGURE_IMAGES = 4
+#: Budgets evaluated when ``--budget`` is not given (those above the search space are dropped).
+DEFAULT_BUDGETS: tuple[int, ...] = (1, 4, 10)
+#: Format of ``OUT.partial.pt``: 1 = per-image (K, K) confusion matrices; 2 = per-image (3, K) TP / FP / FN.
+PARTIAL_VERSION = 2
 
 
 @dataclass
 class SegEvalConfig:
     model: str
     data: str = "fashion-mnist-seg:test"
+    size: list[int] | None = None  # [H, W] the images are resized to (labels nearest); None: the data's own
     budgets: list[int] = field(default_factory=lambda: [1, 4, 10])
     criteria: list[str] = field(default_factory=lambda: ["entropy"])
     aggregates: list[str] = field(default_factory=lambda: ["mean", "entropy"])
@@ -77,23 +94,49 @@ def _fixed_weights(spec: str) -> bool:
     return spec.startswith("transformers:") or p.is_file() or p.is_dir()
 
 
-def _data_size(spec: str, data: str, loaded) -> int | None:
+def _data_size(spec: str, data: str, loaded, size: list[int] | None = None):
     if data.partition(":")[0] == "fashion-mnist-seg":
+        if size is not None:
+            if size[0] != size[1]:
+                raise UndiscardError(f"fashion-mnist-seg canvases are square: --size takes one side; got {size[0]},{size[1]}")
+            return int(size[0])
         # a checkpoint trained on canvases says its size; anything else gets the default canvas
         return int(loaded.input_size[1]) if loaded is not None and _fixed_weights(spec) else None
-    return None  # folder sets: the files' own size (all selected images must share it)
+    # folder sets: --size, or the files' own size (all selected images must then share it)
+    return None if size is None else (int(size[0]), int(size[1]))
+
+
+class _Batches:
+    """The evaluation images, a batch at a time (gray images repeated to 3 channels if asked)."""
+
+    def __init__(self, data, repeat_gray: bool = False) -> None:
+        self.data, self.repeat_gray = data, repeat_gray
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batch(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.data.batch(lo, hi)
+        if self.repeat_gray:
+            x = x.expand(-1, 3, -1, -1).contiguous()
+        return x, y
 
 
 def load_model_and_data(cfg: SegEvalConfig, log=print):
-    """The model (sized to the data for random-weight builds) and ``(x, y, name, K, ignore)``."""
-    from undiscard.segdata import load_segmentation
+    """The model (sized to the data for random-weight builds) and the data, read per batch.
+
+    Returns ``(loaded, data, name, K, ignore, notes)``; ``data.batch(lo, hi)`` gives the
+    stacked ``(x, y)`` of images ``lo .. hi - 1`` (decoded from disk for the folder sets).
+    """
+    from undiscard.segdata import open_segmentation
     from undiscard.segmodels import load_segmenter
 
     notes: list[str] = []
     loaded = load_segmenter(cfg.model) if _fixed_weights(cfg.model) else None
-    x, y, name, k, ignore = load_segmentation(cfg.data, _data_size(cfg.model, cfg.data, loaded), cfg.limit, cfg.start)
+    data, name, k, ignore = open_segmentation(cfg.data, _data_size(cfg.model, cfg.data, loaded, cfg.size),
+                                              cfg.limit, cfg.start)
     if loaded is None:  # random weights, drawn from cfg.seed: a resumed run continues with the same model
-        c = None if cfg.model.startswith("torchvision:") else int(x.shape[1])
+        c = None if cfg.model.startswith("torchvision:") else int(data.channels)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             loaded = load_segmenter(cfg.model, num_classes=k, in_chans=c)
@@ -102,22 +145,27 @@ def load_model_and_data(cfg: SegEvalConfig, log=print):
         raise UndiscardError(f"{cfg.model} predicts {loaded.num_classes} classes but {name} has {k}: evaluate a model "
                              f"trained on this data set")
     want_c = int(loaded.input_size[0])
-    if x.shape[1] != want_c:
-        if x.shape[1] == 1 and want_c == 3:
-            x = x.expand(-1, 3, -1, -1).contiguous()
+    repeat = False
+    if data.channels != want_c:
+        if data.channels == 1 and want_c == 3:
+            repeat = True
             notes.append("gray images repeated to 3 channels for this model")
         else:
-            raise UndiscardError(f"{cfg.model} takes {want_c}-channel images; {name} has {x.shape[1]}")
-    return loaded, x, y, name, k, ignore, notes
+            raise UndiscardError(f"{cfg.model} takes {want_c}-channel images; {name} has {data.channels}")
+    return loaded, _Batches(data, repeat), name, k, ignore, notes
 
 
 # ---------------------------------------------------------------- the evaluation
 
 def run_seg_eval(cfg: SegEvalConfig, out_json: str | os.PathLike | None = None, log=print, *,
-                 fresh: bool = False, figure: str | os.PathLike | None = None) -> dict:
-    """Run the evaluation described by ``cfg``; return (and write) the results dict."""
+                 fresh: bool = False, figure: str | os.PathLike | None = None,
+                 default_budgets: bool = False) -> dict:
+    """Run the evaluation described by ``cfg``; return (and write) the results dict.
+
+    ``default_budgets``: ``cfg.budgets`` are defaults, not asked for: those above the
+    model's search space are dropped with a note (otherwise they are an error).
+    """
     from undiscard.evaluate import _config_diff, _progress, _save_atomic, _write_text_atomic
-    from undiscard.segdata import SegMetrics
     from undiscard.segment import dense_logits, wrap_segmentation
     from undiscard.segmodels import parameter_count
 
@@ -126,7 +174,7 @@ def run_seg_eval(cfg: SegEvalConfig, out_json: str | os.PathLike | None = None, 
     out_path = Path(out_json) if out_json else None
     config = dict(cfg.__dict__)
     partial = out_path.with_suffix(".partial.pt") if out_path is not None else None
-    state: dict[str, Any] = {"version": 1, "config": config, "batches": 0, "done": 0, "confusion": {}}
+    state: dict[str, Any] = {"version": PARTIAL_VERSION, "config": config, "batches": 0, "done": 0, "stats": {}}
     # saved state first: a refusal should not wait for the model and the data
     if partial is not None:
         if fresh and partial.exists():
@@ -137,6 +185,12 @@ def run_seg_eval(cfg: SegEvalConfig, out_json: str | os.PathLike | None = None, 
                 prev = torch.load(partial, weights_only=False)
             except Exception as exc:
                 raise UndiscardError(f"{partial}: unreadable partial evaluation ({exc}); add --fresh to start over") from exc
+            version = prev.get("version") if isinstance(prev, dict) else None
+            if version != PARTIAL_VERSION:
+                was = " (per-image confusion matrices, written by an older undiscard)" if version == 1 else ""
+                raise UndiscardError(f"{partial}: partial evaluation in format version {version}{was}; this version "
+                                     f"stores per-image TP / FP / FN (format {PARTIAL_VERSION}) and cannot resume it: "
+                                     "add --fresh to delete it and start over")
             if prev.get("config") != config:
                 raise UndiscardError(f"{partial}: partial evaluation saved with other arguments "
                                      f"({_config_diff(prev.get('config') or {}, config)}); rerun with the same arguments "
@@ -144,24 +198,34 @@ def run_seg_eval(cfg: SegEvalConfig, out_json: str | os.PathLike | None = None, 
             state = prev
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    loaded, x, y, data_name, k, ignore, notes = load_model_and_data(cfg, log)
+    loaded, data, data_name, k, ignore, notes = load_model_and_data(cfg, log)
     model = loaded.model
-    n = x.shape[0]
+    n = len(data)
     if n == 0:
         raise UndiscardError(f"no images to evaluate in {cfg.data} (start {cfg.start}, limit {cfg.limit})")
-    bmax = max(cfg.budgets)
+    first = data.batch(0, 1)[0]
     common = dict(searchable=cfg.searchable, max_batch=cfg.max_batch, engine=cfg.engine, seed=cfg.seed, width=cfg.width)
     probe = wrap_segmentation(model, budget=1, **common)
-    sites = probe.sites_for(x[:1])
+    sites = probe.sites_for(first)
+    budgets = list(cfg.budgets)
+    if default_budgets:
+        dropped = [b for b in budgets if b > sites.space_size]
+        budgets = [b for b in budgets if b <= sites.space_size]
+        if dropped:
+            note = (f"default budget{'s' if len(dropped) > 1 else ''} {','.join(map(str, dropped))} dropped: above the "
+                    f"search space of {sites.space_size} states; evaluating B = {','.join(map(str, budgets))}")
+            log(f"note: {note}")
+            notes.append(note)
+    bmax = max(budgets)
     if bmax > sites.space_size:
         raise UndiscardError(f"budget {bmax} exceeds the search space of {sites.space_size} states (searchable sites "
                              f"{list(sites.searchable)}); lower --budget or use --searchable main/all")
-    # per-image confusion matrices (int64 (n, K, K) per configuration): the totals give mIoU, and
-    # resampling the images gives the bootstrap interval of each configuration's gain over the plain model
-    confusion: dict[str, list[torch.Tensor]] = {key: [v] for key, v in state["confusion"].items()}
+    # per-image TP / FP / FN per class (int32 (n, 3, K) per configuration): the totals give mIoU and pixel
+    # accuracy, resampling the images the bootstrap interval of each configuration's gain over the plain model
+    stats: dict[str, list[torch.Tensor]] = {key: [v] for key, v in state["stats"].items()}
 
     def count(key: str, pred: torch.Tensor, target: torch.Tensor) -> None:
-        confusion.setdefault(key, []).append(per_image_confusion(pred, target, k, ignore))
+        stats.setdefault(key, []).append(per_image_stats(pred, target, k, ignore))
 
     wrapped = {c: wrap_segmentation(model, budget=bmax, criterion=c, aggregate=cfg.aggregates[0], **common)
                for c in cfg.criteria}
@@ -169,7 +233,7 @@ def run_seg_eval(cfg: SegEvalConfig, out_json: str | os.PathLike | None = None, 
     # aligned at the fusion; the same search without that alignment is reported beside it (ablation).
     with torch.no_grad():
         probe2 = wrap_segmentation(model, budget=min(2, sites.space_size), **common)
-        probe2.search(x[:1])
+        probe2.search(first)
     fused = probe2.last_out_level is not None and probe2.last_out_level < len(sites.searchable)
     unaligned = ({c: wrap_segmentation(model, budget=bmax, criterion=c, aggregate=cfg.aggregates[0], align_skips=False,
                                        **common) for c in cfg.criteria} if fused else {})
@@ -181,55 +245,52 @@ def run_seg_eval(cfg: SegEvalConfig, out_json: str | os.PathLike | None = None, 
     bar.update(state["done"])
     with torch.no_grad():
         for s in range(state["batches"] * bs, n, bs):
-            xb, yb = x[s : s + bs], y[s : s + bs]
+            xb, yb = data.batch(s, s + bs)
             count("plain", dense_logits(model, xb).argmax(1), yb)
             for c, w in wrapped.items():
                 found = w.search(xb)
                 engines.add(w.last_engine)
-                for b in cfg.budgets:
+                for b in budgets:
                     for a in cfg.aggregates:
                         count(f"{c}|{a}|{b}", w.combine(found, b, a).argmax(1), yb)
             for c, w in unaligned.items():
                 found = w.search(xb)
-                for b in cfg.budgets:
+                for b in budgets:
                     if b > 1:
                         for a in cfg.aggregates:
                             count(f"{c}|{a}|{b}|skips-unaligned", w.combine(found, b, a).argmax(1), yb)
             state["batches"] += 1
             state["done"] += len(yb)
             if partial is not None:
-                state["confusion"] = {key: torch.cat(v) for key, v in confusion.items()}
+                state["stats"] = {key: torch.cat(v) for key, v in stats.items()}
                 state["engines"] = sorted(engines)
                 _save_atomic(state, partial)
             bar.update(len(yb))
     bar.close()
-    per_image = {key: torch.cat(v) for key, v in confusion.items()}
+    per_image = {key: torch.cat(v) for key, v in stats.items()}
 
     # ---- cost, side by side in this process
     log("timing ...")
-    xt = x[: cfg.timing_images]
+    xt = data.batch(0, cfg.timing_images)[0]
     nt = xt.shape[0]
     with torch.no_grad():
         t_plain = _median_time(lambda: dense_logits(model, xt), cfg.repeats)
         timing: dict[str, float] = {}
         for c in cfg.criteria:
-            for b in cfg.budgets:
+            for b in budgets:
                 for a in cfg.aggregates:
                     w = wrap_segmentation(model, budget=b, criterion=c, aggregate=a, **common)
                     timing[f"{c}|{a}|{b}"] = _median_time(lambda: w(xt), cfg.repeats)
 
     def summary(key: str) -> dict:
-        m = SegMetrics.from_state({"num_classes": k, "ignore_index": ignore, "confusion": per_image[key].sum(0)})
-        iou = m.per_class_iou()
-        return {"miou": 100.0 * m.miou(), "pixel_accuracy": 100.0 * m.pixel_accuracy(),
-                "per_class_iou": [None if v != v else round(100.0 * float(v), 3) for v in iou.tolist()]}
+        return summarize_stats(per_image[key].sum(0))
 
     plain = summary("plain")
     plain.update(ms_per_image=1000 * t_plain / nt, time_ratio=1.0)
     rows = []
     for c in cfg.criteria:
         for a in cfg.aggregates:
-            for b in cfg.budgets:
+            for b in budgets:
                 key = f"{c}|{a}|{b}"
                 r = summary(key)
                 t = timing[key]
@@ -241,7 +302,7 @@ def run_seg_eval(cfg: SegEvalConfig, out_json: str | os.PathLike | None = None, 
     ablation = []
     for c in unaligned:
         for a in cfg.aggregates:
-            for b in cfg.budgets:
+            for b in budgets:
                 key = f"{c}|{a}|{b}|skips-unaligned"
                 if key not in per_image:
                     continue
@@ -263,7 +324,7 @@ def run_seg_eval(cfg: SegEvalConfig, out_json: str | os.PathLike | None = None, 
         "data": data_name,
         "images": n,
         "start": cfg.start,
-        "input_size": list(x.shape[1:]),
+        "input_size": list(first.shape[1:]),
         "num_classes": k,
         "ignore_index": ignore,
         "classes": classes,
@@ -288,7 +349,8 @@ def run_seg_eval(cfg: SegEvalConfig, out_json: str | os.PathLike | None = None, 
         "torch": torch.__version__,
     }
     if figure is not None:
-        samples = figure_samples(model, x, y, result, common)
+        xs, ys = data.batch(0, FIGURE_IMAGES)
+        samples = figure_samples(model, xs, ys, result, common)
         result["figure"] = {"path": str(figure), "images": list(range(samples["x"].shape[0])),
                             "criterion": samples["criterion"], "aggregate": samples["aggregate"], "budget": bmax}
         plot_segmentation(result, samples, figure)
@@ -299,23 +361,46 @@ def run_seg_eval(cfg: SegEvalConfig, out_json: str | os.PathLike | None = None, 
     return result
 
 
-def per_image_confusion(pred: torch.Tensor, target: torch.Tensor, k: int, ignore: int) -> torch.Tensor:
-    """int64 ``(N, K, K)``: ``[i, t, p]`` counts pixels of image ``i`` with target ``t`` predicted ``p``
-    (pixels whose target is ``ignore`` not counted; the same counts as :class:`SegMetrics`)."""
+def per_image_stats(pred: torch.Tensor, target: torch.Tensor, k: int, ignore: int) -> torch.Tensor:
+    """int32 ``(N, 3, K)``: per image ``i`` and class ``c``, ``[i, 0, c]`` true positives (target and
+    prediction ``c``), ``[i, 1, c]`` false positives (predicted ``c``, target another class) and
+    ``[i, 2, c]`` false negatives (target ``c``, predicted another class). Pixels whose target is
+    ``ignore`` are not counted: the diagonal, column sums minus diagonal and row sums minus diagonal
+    of :class:`~undiscard.segdata.SegMetrics`' confusion matrix of that image."""
     n = pred.shape[0]
     t, p = target.reshape(n, -1).long(), pred.reshape(n, -1).long()
     keep = t != ignore
     if bool(((t < 0) | (t >= k))[keep].any()):
         raise UndiscardError(f"targets hold values outside 0..{k - 1} that are not ignore_index={ignore}")
-    img = torch.arange(n)[:, None].expand_as(t)
-    idx = (img * k * k + t.clamp(0, k - 1) * k + p)[keep]
-    return torch.bincount(idx, minlength=n * k * k).reshape(n, k, k)
+    if bool(((p < 0) | (p >= k))[keep].any()):
+        raise UndiscardError(f"predictions hold values outside 0..{k - 1}")
+    base = (torch.arange(n) * k)[:, None]
+    tk, pk = (base + t.clamp(0, k - 1))[keep], (base + p)[keep]
+    tp = torch.bincount(tk[(t == p)[keep]], minlength=n * k)
+    per_target, per_pred = torch.bincount(tk, minlength=n * k), torch.bincount(pk, minlength=n * k)
+    return torch.stack([tp, per_pred - tp, per_target - tp]).reshape(3, n, k).transpose(0, 1).to(torch.int32).contiguous()
 
 
-def _miou_batch(conf: torch.Tensor) -> torch.Tensor:
-    """``(R, K, K)`` confusion matrices -> ``(R,)`` mIoU in % over the classes present (as SegMetrics)."""
-    tp = conf.diagonal(dim1=1, dim2=2)
-    union = conf.sum(1) + conf.sum(2) - tp
+def summarize_stats(total: torch.Tensor) -> dict:
+    """``(3, K)`` summed TP / FP / FN -> ``miou`` (%, over the classes present: TP + FP + FN > 0),
+    ``pixel_accuracy`` (%, sum TP / sum (TP + FN)) and ``per_class_iou`` (%, ``None`` where absent),
+    computed as :class:`~undiscard.segdata.SegMetrics` does from the confusion matrix."""
+    c = total.double()
+    tp, fp, fn = c[0], c[1], c[2]
+    union = tp + fp + fn
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, math.nan))
+    present = ~iou.isnan()
+    miou = float(iou[present].mean()) if bool(present.any()) else math.nan
+    counted = int(total[0].sum()) + int(total[2].sum())
+    acc = int(total[0].sum()) / counted if counted else math.nan
+    return {"miou": 100.0 * miou, "pixel_accuracy": 100.0 * acc,
+            "per_class_iou": [None if v != v else round(100.0 * float(v), 3) for v in iou.tolist()]}
+
+
+def _miou_batch(counts: torch.Tensor) -> torch.Tensor:
+    """``(R, 3, K)`` TP / FP / FN -> ``(R,)`` mIoU in % over the classes present (as SegMetrics)."""
+    tp = counts[:, 0]
+    union = counts[:, 0] + counts[:, 1] + counts[:, 2]
     iou = torch.where(union > 0, tp / union.clamp_min(1), torch.zeros_like(tp))
     return 100.0 * iou.sum(1) / (union > 0).sum(1).clamp_min(1)
 
@@ -324,14 +409,15 @@ def bootstrap_gain(method: torch.Tensor, plain: torch.Tensor, *, resamples: int 
     """95% interval of ``mIoU(method) - mIoU(plain)`` over images drawn with replacement (paired).
 
     Args:
-        method, plain: per-image confusion matrices ``(N, K, K)`` of the same images.
+        method, plain: per-image TP / FP / FN ``(N, 3, K)`` of the same images (:func:`per_image_stats`).
     """
     n, k = plain.shape[0], plain.shape[-1]
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(n, (resamples, n), generator=g)
     w = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(resamples, n, dtype=torch.float64))
-    gain = (_miou_batch((w @ method.reshape(n, -1).double()).reshape(-1, k, k))
-            - _miou_batch((w @ plain.reshape(n, -1).double()).reshape(-1, k, k)))
+    # counts are integers < 2**53: the weighted sums are exact, whatever the summation order
+    gain = (_miou_batch((w @ method.reshape(n, -1).double()).reshape(-1, 3, k))
+            - _miou_batch((w @ plain.reshape(n, -1).double()).reshape(-1, 3, k)))
     lo, hi = torch.quantile(gain, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return lo, hi
 
@@ -346,7 +432,7 @@ def best_aggregate(result: dict, criterion: str | None = None) -> tuple[str, str
 
 @torch.no_grad()
 def figure_samples(model, x: torch.Tensor, y: torch.Tensor, result: dict, common: dict, count: int = FIGURE_IMAGES) -> dict:
-    """Inputs, ground truth, plain and aggregated (B = max) predictions of the first ``count`` images."""
+    """Inputs, ground truth, plain and aggregated (B = max) predictions of the first ``count`` of ``x``, ``y``."""
     from undiscard.segment import dense_logits, wrap_segmentation
 
     c, a = best_aggregate(result)
@@ -455,6 +541,41 @@ def format_seg_table(result: dict) -> str:
 
 # ---------------------------------------------------------------- command line
 
+def parse_size(text: str) -> list[int]:
+    """``--size``: ``"512"`` -> ``[512, 512]``, ``"512,1024"`` -> ``[512, 1024]`` (height, width)."""
+    parts = [v.strip() for v in str(text).split(",")]
+    try:
+        vals = [int(v) for v in parts]
+    except ValueError:
+        vals = []
+    if len(vals) not in (1, 2) or min(vals) < 1:
+        raise UndiscardError(f"--size takes H or H,W (positive pixel counts, e.g. 512 or 512,1024); got {text!r}")
+    return vals * 2 if len(vals) == 1 else vals
+
+
+class SizeOption(argparse.Action):
+    """``undiscard eval --size H[,W]``: stores the text; the command then refuses to run unless
+    ``--task segmentation`` (whichever order the options come in)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        func = getattr(namespace, "func", None)
+        if func is not None and not getattr(func, "_needs_segmentation", False):
+            namespace.func = _segmentation_only(func, option_string or "--size")
+
+
+def _segmentation_only(func, option: str):
+    def run(args):
+        if getattr(args, "task", None) != "segmentation":
+            raise UndiscardError(f"{option} is a segmentation option (with --task segmentation it resizes the images "
+                                 "bilinearly and the labels nearest-neighbour); classification evaluates at the "
+                                 "data's own size")
+        return func(args)
+
+    run._needs_segmentation = True
+    return run
+
+
 def cmd_eval_segmentation(args) -> int:
     """``undiscard eval MODEL --task segmentation ...`` (the options of ``undiscard eval``)."""
     from undiscard.cli import _csv, _parse_searchable
@@ -467,7 +588,8 @@ def cmd_eval_segmentation(args) -> int:
         raise UndiscardError(f"{', '.join(wrong)} {'is a classification option' if len(wrong) == 1 else 'are classification options'}"
                              "; --task segmentation aligns every state at input resolution and aggregates with "
                              f"{' / '.join(SEG_AGGREGATES)}")
-    criteria, aggregates = _csv(args.criterion), _csv(args.aggregate)
+    criteria = _csv(args.criterion)
+    aggregates = _csv("mean,entropy" if args.aggregate is None else args.aggregate)  # None: --aggregate not given
     for c in criteria:
         if c not in SEG_CRITERIA:
             raise UndiscardError(f"--criterion takes {', '.join(SEG_CRITERIA)} with --task segmentation; got {c!r}")
@@ -483,13 +605,18 @@ def cmd_eval_segmentation(args) -> int:
     if args.batch_size < 1 or args.max_batch < 1 or args.timing_images < 1 or args.repeats < 1:
         raise UndiscardError("--batch-size, --max-batch, --timing-images and --repeats must be positive")
     data = args.data if args.data != "fashion-mnist" else "fashion-mnist-seg:test"  # the classification default
+    size = getattr(args, "size", None)
+    # --budget's parser default is a tuple (classification's 1,2,4,8,16); a given --budget is the text typed
+    budget_given = isinstance(args.budget, str)
     cfg = SegEvalConfig(
-        model=args.model, data=data, budgets=budgets_from(args.budget), criteria=criteria, aggregates=aggregates,
+        model=args.model, data=data, size=None if size is None else parse_size(size),
+        budgets=budgets_from(args.budget) if budget_given else list(DEFAULT_BUDGETS), criteria=criteria, aggregates=aggregates,
         searchable=_parse_searchable(args.searchable), limit=args.limit, start=args.start, batch_size=args.batch_size,
         max_batch=args.max_batch, engine=args.engine, width=args.width or None, seed=args.seed,
         timing_images=args.timing_images, repeats=args.repeats, threads=args.threads,
     )
-    result = run_seg_eval(cfg, args.json, log=lambda m: print(m, file=sys.stderr), fresh=args.fresh, figure=args.plot)
+    result = run_seg_eval(cfg, args.json, log=lambda m: print(m, file=sys.stderr), fresh=args.fresh, figure=args.plot,
+                          default_budgets=not budget_given)
     print(format_seg_table(result))
     if args.json:
         print(f"wrote {args.json}", file=sys.stderr)

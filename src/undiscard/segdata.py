@@ -28,7 +28,9 @@ normalised with ImageNet mean / std, ``target`` int64 ``(H, W)`` of train ids wi
 :data:`IGNORE_INDEX` = 255 for pixels that no class covers.
 
 :func:`load_segmentation` turns a spec string (``fashion-mnist-seg[:split]``,
-``cityscapes:ROOT[:split]``, ``ade20k:ROOT[:split]``) into stacked evaluation tensors.
+``cityscapes:ROOT[:split]``, ``ade20k:ROOT[:split]``) into stacked evaluation tensors;
+:func:`open_segmentation` into an object that reads them a batch at a time (what
+``undiscard eval --task segmentation`` uses: a Cityscapes / ADE20K split is not held in memory).
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ __all__ = [
     "cityscapes",
     "ade20k",
     "load_segmentation",
+    "open_segmentation",
+    "InMemorySegmentation",
+    "LazySegmentation",
     "SegMetrics",
     "SEG_MEAN",
     "SEG_STD",
@@ -598,27 +603,70 @@ def _root_and_split(rest: str, splits: Sequence[str], default: str, spec: str) -
     return rest, default
 
 
-def load_segmentation(
+class InMemorySegmentation:
+    """Evaluation images held as tensors (fashion-mnist-seg canvases): ``batch(lo, hi)`` slices them.
+
+    Attributes: ``x`` float ``(N, C, H, W)``, ``y`` int64 ``(N, H, W)``, ``channels``,
+    ``image_size`` ``(H, W)``.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+        self.channels, self.image_size = int(x.shape[1]), (int(x.shape[2]), int(x.shape[3]))
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def batch(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items ``lo .. hi - 1`` (clipped to the end): ``(x, y)`` stacked."""
+        return self.x[lo:hi], self.y[lo:hi]
+
+
+class LazySegmentation:
+    """Items ``start .. stop - 1`` of a :class:`FolderSegmentation`, read from disk when asked.
+
+    ``batch(lo, hi)`` decodes only items ``lo .. hi - 1`` of the selection (clipped to its
+    end) and stacks them, so an evaluation holds one batch of a split in memory, not the
+    split. All items have the same ``image_size`` ``(H, W)`` (checked from the file headers
+    by :func:`open_segmentation`). ``reads`` counts the items decoded so far.
+    """
+
+    def __init__(self, dataset: FolderSegmentation, start: int, stop: int, image_size: tuple[int, int]) -> None:
+        self.dataset, self.start, self.stop = dataset, int(start), int(stop)
+        self.channels, self.image_size = 3, (int(image_size[0]), int(image_size[1]))
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def batch(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items ``lo .. hi - 1`` of the selection: ``x`` float ``(B, 3, H, W)``, ``y`` int64 ``(B, H, W)``."""
+        idx = range(self.start + max(0, lo), self.start + min(len(self), hi))
+        if not len(idx):
+            h, w = self.image_size
+            return torch.empty(0, 3, h, w), torch.empty(0, h, w, dtype=torch.int64)
+        items = [self.dataset[i] for i in idx]
+        self.reads += len(items)
+        return torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
+
+
+#: How to pass a size, named in the error about images of mixed sizes.
+_SIZE_HINT = "pass a size: undiscard eval --size H[,W] (e.g. --size 512 or --size 512,1024), or size=512 / (512, 1024)"
+
+
+def open_segmentation(
     spec: str,
     size: int | Sequence[int] | None = None,
     limit: int | None = None,
     start: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, str, int, int]:
-    """A segmentation set as evaluation tensors, from a spec string.
+) -> tuple[InMemorySegmentation | LazySegmentation, str, int, int]:
+    """A segmentation set for evaluation, one batch at a time, from a spec string.
 
-    ``spec``: ``fashion-mnist-seg[:split]`` (``size=None``: :data:`SEG_DEFAULT_SIZE`;
-    an int side), ``cityscapes:ROOT[:split]`` or ``ade20k:ROOT[:split]`` (``size``:
-    ``None`` keeps the files' size and then needs all selected images to have the same
-    one; an int resizes to a square, ``(H, W)`` to that). Items ``start .. start +
-    limit - 1`` (``limit=None``: to the end).
-
-    Returns ``(x, y, name, num_classes, ignore_index)``: ``x`` float ``(N, C, H, W)``
-    (C = 1 for fashion-mnist-seg, 3 for the folder sets), ``y`` int64 ``(N, H, W)``,
-    ``name`` e.g. ``"fashion-mnist-seg:test"``, ``ignore_index`` = 255.
-
-    Raises :class:`UndiscardError` for a spec of no accepted form (listing them),
-    :class:`InputError` for a range past the end or images of mixed sizes with
-    ``size=None`` (suggesting a ``size``).
+    As :func:`load_segmentation` (same specs, ``size``, ``limit``, ``start`` and errors) but
+    returns ``(data, name, num_classes, ignore_index)`` where ``data.batch(lo, hi)`` gives
+    the stacked ``(x, y)`` of items ``lo .. hi - 1``: the folder sets are a
+    :class:`LazySegmentation` (images decoded per batch; only the headers are read here),
+    fashion-mnist-seg an :class:`InMemorySegmentation` (the canvases are rendered at once).
     """
     if not isinstance(spec, str):
         raise UndiscardError(f"segmentation spec must be a string; accepted forms: {_SPEC_FORMS}")
@@ -632,7 +680,7 @@ def load_segmentation(
         if not isinstance(size, int):
             raise InputError(f"fashion-mnist-seg canvases are square: size must be an int, got {size!r}")
         x, y = fashion_mnist_canvas(split, size, limit=limit, start=start)
-        return x, y, f"fashion-mnist-seg:{split}", SEG_NUM_CLASSES, IGNORE_INDEX
+        return InMemorySegmentation(x, y), f"fashion-mnist-seg:{split}", SEG_NUM_CLASSES, IGNORE_INDEX
     if kind == "cityscapes":
         root, split = _root_and_split(rest, _CITYSCAPES_SPLITS, "val", spec)
         ds = cityscapes(root, split, size=size)
@@ -651,15 +699,39 @@ def load_segmentation(
     if len(shapes) > 1:
         raise InputError(
             f"{ds.name}: the selected images have {len(shapes)} different sizes "
-            f"(e.g. {sorted(shapes)[:3]}) and cannot be stacked; pass a size, e.g. size=512 or (512, 1024)"
+            f"(e.g. {sorted(shapes)[:3]}) and cannot be stacked; {_SIZE_HINT}"
         )
-    items = [ds[i] for i in range(start, stop)]
-    if not items:
-        h, w = ds.size or (0, 0)
-        return torch.empty(0, 3, h, w), torch.empty(0, h, w, dtype=torch.int64), ds.name, ds.num_classes, IGNORE_INDEX
-    x = torch.stack([it[0] for it in items])
-    y = torch.stack([it[1] for it in items])
-    return x, y, ds.name, ds.num_classes, IGNORE_INDEX
+    image_size = next(iter(shapes)) if shapes else (ds.size or (0, 0))
+    return LazySegmentation(ds, start, stop, image_size), ds.name, ds.num_classes, IGNORE_INDEX
+
+
+def load_segmentation(
+    spec: str,
+    size: int | Sequence[int] | None = None,
+    limit: int | None = None,
+    start: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, str, int, int]:
+    """A segmentation set as evaluation tensors, from a spec string.
+
+    ``spec``: ``fashion-mnist-seg[:split]`` (``size=None``: :data:`SEG_DEFAULT_SIZE`;
+    an int side), ``cityscapes:ROOT[:split]`` or ``ade20k:ROOT[:split]`` (``size``:
+    ``None`` keeps the files' size and then needs all selected images to have the same
+    one; an int resizes to a square, ``(H, W)`` to that). Items ``start .. start +
+    limit - 1`` (``limit=None``: to the end).
+
+    Returns ``(x, y, name, num_classes, ignore_index)``: ``x`` float ``(N, C, H, W)``
+    (C = 1 for fashion-mnist-seg, 3 for the folder sets), ``y`` int64 ``(N, H, W)``,
+    ``name`` e.g. ``"fashion-mnist-seg:test"``, ``ignore_index`` = 255. The whole
+    selection is in memory: for a large split use :func:`open_segmentation`, which reads
+    a batch at a time.
+
+    Raises :class:`UndiscardError` for a spec of no accepted form (listing them),
+    :class:`InputError` for a range past the end or images of mixed sizes with
+    ``size=None`` (suggesting a ``size``).
+    """
+    data, name, k, ignore = open_segmentation(spec, size, limit, start)
+    x, y = data.batch(0, len(data))
+    return x, y, name, k, ignore
 
 
 # ------------------------------------------------------------------------ metrics

@@ -116,19 +116,22 @@ def _auto_output(ret: Any) -> torch.Tensor:
     )
 
 
-def dense_forward(model: nn.Module, output: Callable[[Any], torch.Tensor] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def dense_forward(model: nn.Module, output: Callable[[Any], torch.Tensor] | None = None, *,
+                  same_batch: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x (N, C, H, W) -> logits (N, K, h, w)`` at the model's own output resolution.
 
     Calls ``model(pixel_values=x)`` for a transformers model and ``model(x)`` otherwise;
     ``output`` picks the logits from what the model returns (default: detected, see
-    :func:`wrap_segmentation`).
+    :func:`wrap_segmentation`). ``same_batch=False`` for the shared-prefix engine, whose
+    batch grows (and starts empty when every request resumes from cached activations)
+    inside the forward: it checks the output's rows itself.
     """
     pick = _auto_output if output is None else output
     kw = _takes_pixel_values(model)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         y = pick(model(pixel_values=x) if kw else model(x))
-        if not isinstance(y, torch.Tensor) or y.dim() != 4 or y.shape[0] != x.shape[0]:
+        if not isinstance(y, torch.Tensor) or y.dim() != 4 or (same_batch and y.shape[0] != x.shape[0]):
             raise UndiscardError(
                 f"dense logits must be (N, K, h, w) with N = {x.shape[0]}; the model's output gave "
                 f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}. Pass output= to pick them."
@@ -779,7 +782,9 @@ class SegmentationUndiscard(nn.Module):
             # cannot share on this model, so do not spend a first pass finding that out again
             box["engine"] = "rerun (fallback)"
         elif self.engine == "trie":
-            box["ev"] = SharedPrefixEvaluator(self.model, x, sites, forward=fwd, max_batch=self.max_batch)
+            box["ev"] = SharedPrefixEvaluator(self.model, x, sites, forward=dense_forward(self.model, self.output,
+                                                                                         same_batch=False),
+                                              max_batch=self.max_batch)
 
         def rerun(img: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
             outs = []

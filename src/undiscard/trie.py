@@ -14,6 +14,7 @@ all the states (per-sample offsets in one op), with the same results.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +44,10 @@ class _Trie:
     offsets: list[torch.Tensor]  # per searchable site: (R_j,) flat offset of the row
     inverse: torch.Tensor  # (N * B,) final row of each (image, state)
     keys: list[torch.Tensor]  # per searchable site: (R_j, j + 2) image and offsets of each row
+    # per searchable site j: (I_j, j + 1) prefixes whose input of site j comes from the cache,
+    # appended after the computed rows of level j - 1 (empty without resumed requests)
+    injected: list[torch.Tensor] | None = None
+    roots: torch.Tensor | None = None  # images computed from the input (None: every image of the batch)
 
 
 @dataclass
@@ -79,6 +84,40 @@ def build_trie(states: torch.Tensor, images: torch.Tensor | None = None) -> _Tri
         levels.append(uniq)
         prev = inv
     return _Trie(parents, offsets, prev, levels)
+
+
+def build_resumed_trie(states: torch.Tensor, images: torch.Tensor, starts: torch.Tensor) -> _Trie:
+    """The trie of requests that enter at different sites, for ONE pass.
+
+    Request ``m`` (image ``images[m]``, flat offsets ``states[m]``) has the input of site
+    ``starts[m]`` cached for its prefix (``-1``: nothing cached, it starts from the image).
+    Level ``j`` holds the distinct prefixes ``(image, s_0..s_j)`` of the requests with
+    ``start <= j``; their parents are the computed rows of level ``j - 1`` followed by the
+    prefixes ``(image, s_0..s_{j-1})`` of the requests entering at ``j`` (from the cache).
+    A request entering at ``j`` shares no prefix of length ``j + 1`` with one that
+    entered before (its length-``j`` prefix is cached, theirs is not), so every row is
+    still computed once.
+    """
+    L = states.shape[1]
+    keys = torch.cat([images[:, None].long(), states.long()], -1)
+    roots = torch.unique(keys[starts < 0, 0])
+    comp = roots[:, None]  # computed rows before site 0: one per image starting from its input
+    parents, offsets, levels, injected = [], [], [], []
+    for j in range(L):
+        inj = torch.unique(keys[starts == j, : j + 1], dim=0) if bool((starts == j).any()) \
+            else keys.new_empty((0, j + 1))
+        inputs = torch.cat([comp, inj])
+        where = {tuple(r): i for i, r in enumerate(inputs.tolist())}
+        sel = starts <= j
+        uniq = torch.unique(keys[sel, : j + 2], dim=0) if bool(sel.any()) else keys.new_empty((0, j + 2))
+        parents.append(torch.tensor([where[tuple(r)] for r in uniq[:, : j + 1].tolist()], dtype=torch.long))
+        offsets.append(uniq[:, -1].clone())
+        levels.append(uniq)
+        injected.append(inj)
+        comp = uniq
+    final = {tuple(r): i for i, r in enumerate(comp.tolist())}
+    inverse = torch.tensor([final[tuple(r)] for r in keys.tolist()], dtype=torch.long)
+    return _Trie(parents, offsets, inverse, levels, injected, roots)
 
 
 def _tensors(obj: Any, out: list) -> None:
@@ -121,8 +160,8 @@ def _expand(x: torch.Tensor, trie: _Trie, j: int, sites: SiteMap, site_index: in
     offs = trie.offsets[j]
     site = sites.sites[site_index]
     values = torch.unique(offs)
-    if len(values) == 1:
-        y = fn(xe, site.offset_of(int(values[0])))
+    if len(values) <= 1:  # one offset for every row (or no rows: the op still runs, on an empty batch)
+        y = fn(xe, site.offset_of(int(values[0]) if len(values) else 0))
     else:
         y = None
         for k in values.tolist():
@@ -142,43 +181,45 @@ class _Pass:
     activations cached by earlier passes, and recording the inputs of every site it
     computes (the cache is keyed by ``(image, offsets at the sites before)``)."""
 
-    def __init__(self, sites: SiteMap, trie: _Trie, gimages: torch.Tensor, start: int, cache: list[dict] | None):
-        self.sites, self.trie, self.gimages, self.start, self.cache = sites, trie, gimages, start, cache
+    def __init__(self, sites: SiteMap, trie: _Trie, gimages: torch.Tensor, cache: list[dict] | None):
+        self.sites, self.trie, self.gimages, self.cache = sites, trie, gimages, cache
         self.level = {si: j for j, si in enumerate(sites.searchable)}
         self.ncall: dict[int, int] = {}
 
-    def _keys(self, j: int) -> list[tuple[int, ...]]:
-        """Cache keys of the rows of level ``j - 1`` (the inputs of site ``j``)."""
-        if j == 0:
-            return [(int(self.gimages[i]),) for i in range(len(self.gimages))]
-        k = self.trie.keys[j - 1]
+    def _global(self, k: torch.Tensor) -> list[tuple[int, ...]]:
+        """Cache keys (image index in the whole batch, offsets) of local prefix rows ``k``."""
         g = self.gimages[k[:, 0]]
         return [(int(a), *b) for a, b in zip(g.tolist(), k[:, 1:].tolist())]
+
+    def _keys(self, j: int) -> list[tuple[int, ...]]:
+        """Cache keys of the computed rows of level ``j - 1`` (the inputs of site ``j``)."""
+        if j == 0:
+            roots = torch.arange(len(self.gimages)) if self.trie.roots is None else self.trie.roots
+            return self._global(roots[:, None])
+        return self._global(self.trie.keys[j - 1])
 
     def site(self, x: torch.Tensor, site_index: int, fn) -> torch.Tensor:
         j = self.level[site_index]
         c = self.ncall.get(j, 0)
         self.ncall[j] = c + 1
-        if j <= self.start and getattr(x, _TAG, None) != j - 1:
+        if getattr(x, _TAG, None) != j - 1:
             raise _CrossSite((getattr(x, _TAG, None), j - 1))
-        if j < self.start:  # before the resume point: nothing to compute
-            y = fn(x, (0,) * len(self.sites.sites[site_index].stride))
-            setattr(y, _TAG, j)
-            return y
-        if j == self.start:
-            rows = [self.cache[j][key][c] for key in self._keys(j)]
-            x = torch.stack(rows)
-            if x.dim() == 4 and rows[0].dim() == 3 and rows[0].is_contiguous(memory_format=torch.channels_last) \
-                    and not rows[0].is_contiguous():
-                x = x.contiguous(memory_format=torch.channels_last)
-            setattr(x, _TAG, j - 1)
-        elif self.cache is not None and getattr(x, _TAG, None) == j - 1:
+        if self.cache is not None and x.shape[0]:
             rows = x.detach().clone(memory_format=torch.preserve_format).unbind(0)
             for key, row in zip(self._keys(j), rows):
                 if c == 0:
                     self.cache[j][key] = [row]
                 else:
                     self.cache[j][key].append(row)
+        inj = self.trie.injected[j] if self.trie.injected is not None else None
+        if inj is not None and inj.shape[0]:
+            rows = [self.cache[j][key][c] for key in self._global(inj)]
+            cached = torch.stack(rows)
+            x = torch.cat([x, cached]) if x.shape[0] else cached
+            if x.dim() == 4 and rows[0].dim() == 3 and rows[0].is_contiguous(memory_format=torch.channels_last) \
+                    and not rows[0].is_contiguous():
+                x = x.contiguous(memory_format=torch.channels_last)
+            setattr(x, _TAG, j - 1)
         return _expand(x, self.trie, j, self.sites, site_index, fn)
 
 
@@ -267,18 +308,23 @@ def _run_chunk(
     sites: SiteMap,
     *,
     forward: Callable | None = None,
-    start: int = -1,
+    starts: torch.Tensor | None = None,
     cache: list[dict] | None = None,
     gimages: torch.Tensor | None = None,
 ) -> TrieResult | None:
-    """One trie pass over requests of the images of ``x``; None when a tensor crosses a site."""
+    """One trie pass over requests of the images of ``x``; None when a tensor crosses a site.
+
+    ``starts`` (per request): the site whose cached input the request resumes from
+    (``-1`` or None: from the image); see :func:`build_resumed_trie`.
+    """
     forward = model if forward is None else forward
     m, L = states.shape
     if L == 0:
         out = forward(x)
         return TrieResult(out.index_select(0, images), True, [])
-    trie = build_trie(states, images)
-    pass_ = _Pass(sites, trie, torch.arange(x.shape[0]) if gimages is None else gimages, start, cache)
+    resumed = starts is not None and bool((starts >= 0).any())
+    trie = build_resumed_trie(states, images, starts) if resumed else build_trie(states, images)
+    pass_ = _Pass(sites, trie, torch.arange(x.shape[0]) if gimages is None else gimages, cache)
     handles = []
     for name, site_index, dims in sites.module_sites:
         if site_index not in pass_.level:
@@ -291,14 +337,14 @@ def _run_chunk(
             return (y, *args[1:])
 
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    x0 = x[:0] if start >= 0 else x.view(x.shape)
+    x0 = x.index_select(0, trie.roots) if resumed else x.view(x.shape)  # only the images starting from the input
     setattr(x0, _TAG, -1)
     try:
         with _TrieMode(sites, pass_):
             out = forward(x0)
         if not isinstance(out, torch.Tensor) or getattr(out, _TAG, None) != L - 1 or out.shape[0] != len(trie.keys[-1]):
             raise _CrossSite("output")  # also: a batch size read before a site and reused after it
-        return TrieResult(out.index_select(0, trie.inverse.to(out.device)), True, [len(p) for p in trie.parents[max(start, 0):]])
+        return TrieResult(out.index_select(0, trie.inverse.to(out.device)), True, [len(p) for p in trie.parents])
     except _CrossSite:
         return None
     finally:
@@ -357,24 +403,23 @@ class SharedPrefixEvaluator:
             return self._fallback(images, states)
         starts = torch.tensor([self._start(int(i), tuple(s)) for i, s in zip(images.tolist(), states.tolist())],
                               dtype=torch.long)
-        out = None
-        for r in torch.unique(starts).tolist():
-            sel = (starts == r).nonzero().flatten()
-            try:
-                o = self._pass(images[sel], states[sel], r)
-            except Exception:
-                if r < 0:
-                    raise
-                # an op before the resume point rejected the empty batch: recompute prefixes
-                self.resume = False
-                o = self._pass(images[sel], states[sel], -1)
-            if o is None:  # the model crosses sites: no sharing from now on
-                self.shared, self.cache = False, None
-                return self._fallback(images, states)
-            self.shared = True
-            if out is None:
-                out = o.new_empty((m, *o.shape[1:]))
-            out[sel] = o
+        # ONE pass for all requests: each enters at the site it resumes from, so the segments
+        # after it run on every request's rows at once
+        try:
+            out = self._pass(images, states, starts)
+        except Exception as exc:
+            if not bool((starts >= 0).any()):
+                raise
+            # an op before a resume point rejected a smaller (or empty) batch: recompute prefixes
+            warnings.warn(f"the model failed on a pass resumed from cached activations ({type(exc).__name__}: "
+                          f"{exc}); recomputing every prefix from the input from now on (same results, slower)",
+                          RuntimeWarning, stacklevel=2)
+            self.resume = False
+            out = self._pass(images, states, torch.full_like(starts, -1))
+        if out is None:  # the model crosses sites: no sharing from now on
+            self.shared, self.cache = False, None
+            return self._fallback(images, states)
+        self.shared = True
         return out
 
     def _fallback(self, images: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
@@ -385,18 +430,18 @@ class SharedPrefixEvaluator:
         self.rows = [r + states.shape[0] for r in self.rows]
         return torch.cat(outs)
 
-    def _pass(self, images: torch.Tensor, states: torch.Tensor, start: int) -> torch.Tensor | None:
+    def _pass(self, images: torch.Tensor, states: torch.Tensor, starts: torch.Tensor) -> torch.Tensor | None:
         out = None
         for chunk in _chunks(images, states, self.x.shape[0], self.max_batch):
             sel = torch.isin(images, chunk).nonzero().flatten()
             remap = torch.full((self.x.shape[0],), -1, dtype=torch.long)
             remap[chunk] = torch.arange(len(chunk))
             r = _run_chunk(self.model, self.x[chunk], remap[images[sel]], states[sel], self.sites,
-                           forward=self.forward, start=start, cache=self.cache, gimages=chunk)
+                           forward=self.forward, starts=starts[sel], cache=self.cache, gimages=chunk)
             if r is None:
                 return None
             for k, v in enumerate(r.rows):
-                self.rows[max(start, 0) + k] += v
+                self.rows[k] += v
             if out is None:
                 out = r.outputs.new_empty((states.shape[0], *r.outputs.shape[1:]))
             out[sel] = r.outputs
