@@ -106,6 +106,10 @@ def _csv(text: str) -> list[str]:
 
 
 def cmd_eval(args) -> int:
+    if args.size is not None and args.task != "segmentation":
+        raise UndiscardError("--size is a segmentation option (with --task segmentation it resizes the images "
+                             "bilinearly and the labels nearest-neighbour); classification evaluates at the "
+                             "model's input size")
     if args.aggregate is None:
         args.aggregate = "mean,entropy" if args.image_tta == "none" else "entropy"
     if args.image_tta == "none":
@@ -292,8 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fashion-mnist[:train|val|test] (default test) or an image folder; with --task segmentation: "
                          "fashion-mnist-seg[:split] (default fashion-mnist-seg:test), cityscapes:ROOT[:split] or "
                          "ade20k:ROOT[:split]")
-    from undiscard.seg_eval import SizeOption  # --size: refused unless --task segmentation
-    sp.add_argument("--size", action=SizeOption, default=None, metavar="H[,W]",
+    sp.add_argument("--size", default=None, metavar="H[,W]",
                     help="segmentation only: resize the images to H x W (H alone: square), bilinearly, and the label "
                          "maps nearest-neighbour (needed for data sets of mixed image sizes such as ADE20K)")
     sp.add_argument("--budget", default=(1, 2, 4, 8, 16),

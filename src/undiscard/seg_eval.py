@@ -31,7 +31,6 @@ budget side by side, and mIoU vs budget.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -46,7 +45,7 @@ import torch
 
 from undiscard.errors import UndiscardError
 
-__all__ = ["DEFAULT_BUDGETS", "SegEvalConfig", "SizeOption", "bootstrap_gain", "cmd_eval_segmentation",
+__all__ = ["DEFAULT_BUDGETS", "SegEvalConfig", "bootstrap_gain", "cmd_eval_segmentation",
            "format_seg_table", "parse_size", "per_image_stats", "plot_segmentation", "run_seg_eval",
            "summarize_stats"]
 
@@ -551,29 +550,6 @@ def parse_size(text: str) -> list[int]:
     if len(vals) not in (1, 2) or min(vals) < 1:
         raise UndiscardError(f"--size takes H or H,W (positive pixel counts, e.g. 512 or 512,1024); got {text!r}")
     return vals * 2 if len(vals) == 1 else vals
-
-
-class SizeOption(argparse.Action):
-    """``undiscard eval --size H[,W]``: stores the text; the command then refuses to run unless
-    ``--task segmentation`` (whichever order the options come in)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-        func = getattr(namespace, "func", None)
-        if func is not None and not getattr(func, "_needs_segmentation", False):
-            namespace.func = _segmentation_only(func, option_string or "--size")
-
-
-def _segmentation_only(func, option: str):
-    def run(args):
-        if getattr(args, "task", None) != "segmentation":
-            raise UndiscardError(f"{option} is a segmentation option (with --task segmentation it resizes the images "
-                                 "bilinearly and the labels nearest-neighbour); classification evaluates at the "
-                                 "data's own size")
-        return func(args)
-
-    run._needs_segmentation = True
-    return run
 
 
 def cmd_eval_segmentation(args) -> int:
