@@ -346,22 +346,28 @@ def test_aligned_skips_shift_the_deep_map_onto_the_shallow_grid_before_the_fusio
     assert unaligned.search(x).delta.abs().sum() > 0 and unaligned.last_out_level == 2
 
 
+def _search_both_engines(model, x, **kw):
+    """engine -> (found, combined, last_engine, last_rows) of one search with each engine."""
+    got = {}
+    for engine in ("trie", "rerun"):
+        w = wrap_segmentation(model, engine=engine, **kw)
+        with torch.no_grad():
+            found = w.search(x)
+            got[engine] = (found, w.combine(found), w.last_engine, w.last_rows)
+    return got
+
+
 def test_a_model_without_skips_shares_prefixes_with_the_same_results():
     model = seg_model("deeplabv3-tiny")
     x = torch.randn(3, 1, 96, 96, generator=torch.Generator().manual_seed(7))
-    got = {}
-    for engine in ("trie", "rerun"):
-        w = wrap_segmentation(model, budget=6, engine=engine, aggregate="entropy")
-        with torch.no_grad():
-            found = w.search(x)
-            got[engine] = (found, w.combine(found), w.last_engine)
-    (a, out_a, eng_a), (b, out_b, eng_b) = got["trie"], got["rerun"]
+    got = _search_both_engines(model, x, budget=6, aggregate="entropy")
+    (a, out_a, eng_a, _), (b, out_b, eng_b, _) = got["trie"], got["rerun"]
     assert eng_a == "trie" and eng_b == "rerun"  # no crossing: the trie did not fall back
     assert torch.equal(a.states, b.states) and torch.equal(a.delta, b.delta)
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out_a, out_b, rtol=1e-4, atol=1e-5)
     # an independent reference: each (image, state) run alone (no skips, so nothing to align)
-    sites = w.sites_for(x)
+    sites = wrap_segmentation(model, budget=1).sites_for(x)
     assert torch.equal(a.delta.flatten(0, 1), sites.displacement(a.states.flatten(0, 1)))
     for i, t in ((0, 0), (0, 3), (1, 5), (2, 2), (2, 4)):
         torch.testing.assert_close(a.logits[i, t], _alone(model, sites, x[i : i + 1], a.states[i, t], False),
@@ -371,13 +377,8 @@ def test_a_model_without_skips_shares_prefixes_with_the_same_results():
 def test_the_trie_computes_fewer_rows_than_rerunning_on_a_model_without_skips():
     model = seg_model("deeplabv3-tiny")
     x = torch.randn(3, 1, 64, 64, generator=torch.Generator().manual_seed(7))
-    rows = {}
-    for engine in ("trie", "rerun"):
-        w = wrap_segmentation(model, budget=5, engine=engine, searchable="main")
-        with torch.no_grad():
-            w.search(x)
-        rows[engine] = (w.last_rows, w.last_engine)
-    (ra, ea), (rb, eb) = rows["trie"], rows["rerun"]
+    got = _search_both_engines(model, x, budget=5, searchable="main")
+    (_, _, ea, ra), (_, _, eb, rb) = got["trie"], got["rerun"]
     assert ea == "trie" and ra[-1] == rb[-1] == 3 * 5  # every state reached the last site once
     assert ra[0] < rb[0]  # states that differ only at later sites resumed from the cached prefix
 

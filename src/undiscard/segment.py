@@ -69,7 +69,7 @@ from undiscard.errors import InputError, StateError, UndiscardError
 from undiscard.oprefs import BINDERS
 from undiscard.search import greedy_search
 from undiscard.sites import SiteMap, find_sites
-from undiscard.trie import SharedPrefixEvaluator
+from undiscard.trie import SharedPrefixEvaluator, _tensors
 
 __all__ = [
     "SEG_AGGREGATES",
@@ -391,19 +391,6 @@ def level_displacements(sites: SiteMap, states: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _tagged(obj: Any, out: list[torch.Tensor]) -> None:
-    """The level-tagged tensors among a torch function's arguments (in tuples, lists and dicts), in order."""
-    if isinstance(obj, torch.Tensor):
-        if hasattr(obj, _LEVEL):
-            out.append(obj)
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            _tagged(o, out)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            _tagged(o, out)
-
-
 def _shift_int_border(f: torch.Tensor, k: torch.Tensor, dim: int) -> torch.Tensor:
     """``out[i, ..., j, ...] = f[i, ..., clamp(j - k_i, 0, n - 1), ...]`` along ``dim``: slice copies
     (the same values as :func:`undiscard.align.shift_cells`' gather with ``fill="border"``)."""
@@ -478,8 +465,8 @@ class _SkipAlignMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         found: list[torch.Tensor] = []
-        _tagged(args, found)
-        _tagged(kwargs, found)
+        _tensors((args, kwargs), found)
+        found = [t for t in found if hasattr(t, _LEVEL)]
         levels = {getattr(t, _LEVEL) for t in found}
         new_level = max(levels) if levels else None
         binder = BINDERS.get(func)
