@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train the two segmentation models on fashion-mnist-seg (recipe: src/undiscard/segtrain.py).
-# Resumable: rerun after an interruption (OUT.resume.pt). Existing checkpoints are kept;
+# Resumable: rerun after an interruption (OUT.resume.safetensors). Existing checkpoints are kept;
 # FORCE=1 retrains them. THREADS (default 2) sets torch's CPU threads.
 #   scripts/train_seg.sh                  # both
 #   scripts/train_seg.sh segformer-tiny   # one
@@ -15,6 +15,5 @@ for arch in "${ARCHS[@]}"; do
     *) echo "train_seg.sh: unknown architecture $arch (deeplabv3-tiny, segformer-tiny)" >&2; exit 2 ;;
   esac
   if [[ -f "$out" && -z "${FORCE:-}" ]]; then echo "exists: $out (FORCE=1 to retrain)"; continue; fi
-  if [[ -n "${FORCE:-}" ]]; then rm -f "$out" "${out%.safetensors}.json" "$out.resume.pt"; fi
-  "$PY" -m undiscard train-segmenter "$arch" --out "$out" --seed 0 --threads "${THREADS:-2}"
+  "$PY" -m undiscard train-segmenter "$arch" --out "$out" --seed 0 --threads "${THREADS:-2}" ${FORCE:+--fresh}
 done

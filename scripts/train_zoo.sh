@@ -10,5 +10,5 @@ ARCHS=("$@"); [[ ${#ARCHS[@]} -gt 0 ]] || ARCHS=(resnet18 mobilenetv2_100 pvt_v2
 for arch in "${ARCHS[@]}"; do
   out="zoo/fmnist_${arch}.safetensors"
   if [[ -f "$out" && -z "${FORCE:-}" ]]; then echo "exists: $out (FORCE=1 to retrain)"; continue; fi
-  "$PY" -m undiscard train-backbone "timm:$arch" --out "$out" --epochs "$EPOCHS" --seed 0 --threads "${THREADS:-0}"
+  "$PY" -m undiscard train-backbone "timm:$arch" --out "$out" --epochs "$EPOCHS" --seed 0 --threads "${THREADS:-0}" ${FORCE:+--fresh}
 done

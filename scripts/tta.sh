@@ -12,6 +12,7 @@ ARCHS=${*:-resnet18 mobilenetv2_100 pvt_v2_b0}
 VAL=${VAL:-500} LIMIT=${LIMIT:-1000} POOL=${POOL:-20} TOTALS=${TOTALS:-10,20} FEAT=${FEAT:-5} THREADS=${THREADS:-0}
 for a in $ARCHS; do
   [[ -f "results/tta_$a.json" && -z "${FORCE:-}" ]] && { echo "exists: results/tta_$a.json (FORCE=1 to redo)"; continue; }
+  rm -f "results/tta_$a.json"  # FORCE: redone (the cached logits are reused); tta-study keeps a report of other arguments
   .venv/bin/undiscard tta-study "zoo/fmnist_$a.safetensors" --tta-val-images "$VAL" --limit "$LIMIT" \
     --tta-pool "$POOL" --totals "$TOTALS" --feature-budget "$FEAT" --threads "$THREADS" --json "results/tta_$a.json"
 done

@@ -82,7 +82,7 @@ def test_torchrun_gives_the_numbers_of_one_process(tmp_path, reference):
     assert res["timing"]["measured_on"].startswith("rank 0 of 2")
     assert r.stdout.count("criterion  aggregate") == 1  # the table, printed by rank 0 only
     assert "timing on rank 0 alone" in r.stdout and "[rank 1/2]" not in r.stdout
-    assert not list(tmp_path.glob("*.partial.pt*")), "shard states must be deleted once the JSON is written"
+    assert not list(tmp_path.glob("*.partial.*")), "shard states must be deleted once the JSON is written"
 
 
 INTERRUPT = textwrap.dedent("""
@@ -109,10 +109,10 @@ def test_interrupted_torchrun_resumes_every_shard_to_the_same_numbers(tmp_path, 
     script.write_text(INTERRUPT)
     r = _torchrun(str(script), "eval", *ARGS, "--json", str(out), module=False)
     assert r.returncode != 0 and not out.exists()
-    shard1 = tmp_path / "two.shard1of2.partial.pt"
-    saved = torch.load(shard1, weights_only=False)
+    shard1 = tmp_path / "two.shard1of2.partial.safetensors"
+    saved = ev.read_partial(shard1)
     assert saved["done"] == 4 and saved["batches"] == 1 and saved["index"] == [4, 5, 6, 7]  # batch 1 of 6
-    assert saved["shard"] == [1, 2] and not (tmp_path / "two.partial.pt").exists()
+    assert saved["shard"] == [1, 2] and not (tmp_path / "two.partial.safetensors").exists()
 
     # one process cannot resume what two saved: a clear error, nothing deleted
     assert main(["eval", *ARGS, "--json", str(out)]) == 2
@@ -143,22 +143,22 @@ def interrupted(tmp_path_factory) -> bytes:
             assert main(["eval", *ARGS, "--json", str(out)]) == 130  # "interrupted; ... run the same command to resume"
     finally:
         torch.set_num_threads(n)
-    partial = out.with_suffix(".partial.pt")
-    state = torch.load(partial, weights_only=False)
+    partial = out.with_suffix(".partial.safetensors")
+    state = ev.read_partial(partial)
     assert state["done"] == 4 and state["index"] == [0, 1, 2, 3] and not out.exists()
     return partial.read_bytes()
 
 
 def test_fresh_ignores_a_saved_partial(tmp_path, reference, interrupted, capsys, keep_threads):
     out = tmp_path / "r.json"
-    partial = out.with_suffix(".partial.pt")
+    partial = out.with_suffix(".partial.safetensors")
     # tamper with the saved first batch: every plain prediction wrong
     partial.write_bytes(interrupted)
-    state = torch.load(partial, weights_only=False)
+    state = ev.read_partial(partial)
     k = sum(state["acc"]["plain"]["correct"])
     assert k > 0
     state["acc"]["plain"]["correct"] = [0] * 4
-    torch.save(state, partial)
+    ev._save_atomic(state, partial)
     tampered = partial.read_bytes()
 
     assert main(["eval", *ARGS, "--json", str(out)]) == 0  # resumes: the tampered batch is used
@@ -177,7 +177,7 @@ def test_fresh_ignores_a_saved_partial(tmp_path, reference, interrupted, capsys,
 
 def test_other_arguments_with_a_saved_partial_are_refused(tmp_path, interrupted, capsys, keep_threads):
     out = tmp_path / "r.json"
-    partial = out.with_suffix(".partial.pt")
+    partial = out.with_suffix(".partial.safetensors")
     partial.write_bytes(interrupted)
     argv = list(ARGS)
     argv[argv.index("1,2")] = "1,3"

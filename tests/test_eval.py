@@ -43,7 +43,7 @@ def test_eval_on_the_shipped_model_on_a_slice(tmp_path, capsys):
             assert r["top1"] == p["top1"] and r["nll"] == pytest.approx(p["nll"], abs=1e-6)
         if r["aggregate"] not in ("best-single", "attention-default-only"):
             assert r["time_ratio"] > 0
-    assert not out.with_suffix(".partial.pt").exists()
+    assert not out.with_suffix(".partial.safetensors").exists()
     if SHIPPED_AGG.exists():  # the control row: the aggregator on the default state alone
         assert any(r["aggregate"] == "attention-default-only" for r in res["rows"])
 
@@ -77,7 +77,7 @@ def test_interrupted_eval_resumes_to_the_same_numbers(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "_progress", Boom)
     with pytest.raises(KeyboardInterrupt):
         run_eval(cfg, tmp_path / "b.json", log=lambda m: None)
-    partial = torch.load(tmp_path / "b.partial.pt", weights_only=False)
+    partial = ev.read_partial(tmp_path / "b.partial.safetensors")  # safetensors + JSON: nothing unpickled
     assert partial["done"] == 8
     monkeypatch.setattr(ev, "_progress", real)
     logs = []
@@ -118,7 +118,7 @@ def test_train_aggregator_writes_a_checkpoint_the_wrapper_uses(tmp_path):
     assert any(p.abs().sum() > 0 for p in agg.proj_out.parameters())  # it learned something
     logits = wrap(model, budget=3, aggregate="attention", aggregator=out)(x[:2])
     assert logits.shape == (2, 4) and torch.isfinite(logits).all()
-    assert not (tmp_path / "agg.safetensors.cache.pt").exists()
+    assert not (tmp_path / "agg.safetensors.cache.safetensors").exists()
 
 
 def test_train_aggregator_refuses_a_missing_backbone(capsys):

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from undiscard.cli import main
-from undiscard.seg_eval import SegEvalConfig, run_seg_eval
+from undiscard.seg_eval import PARTIAL_KIND, SegEvalConfig, run_seg_eval
+from undiscard.statefile import load_state, save_state
+from undiscard.zoo import RESUME_KIND
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = {"deeplabv3": ROOT / "zoo" / "fmnist_seg_deeplabv3.safetensors",
@@ -34,7 +36,7 @@ def test_seg_eval_end_to_end_writes_the_json_the_table_and_the_figure(tmp_path, 
         assert 0.0 <= r["miou"] <= 100.0 and 0.0 <= r["pixel_accuracy"] <= 100.0 and r["time_ratio"] > 0
         if r["budget"] == 1:  # B=1 is the plain model
             assert (r["miou"], r["pixel_accuracy"]) == (p["miou"], p["pixel_accuracy"])
-    assert not out.with_suffix(".partial.pt").exists()
+    assert not out.with_suffix(".partial.safetensors").exists()
 
 
 def test_a_model_with_cross_site_skips_is_evaluated_through_the_fallback(tmp_path):
@@ -70,7 +72,7 @@ def test_interrupted_seg_eval_resumes_to_the_same_numbers(tmp_path, monkeypatch)
     monkeypatch.setattr(ev, "_progress", Boom)
     with pytest.raises(KeyboardInterrupt):
         run_seg_eval(cfg, tmp_path / "b.json", log=lambda m: None)
-    assert torch.load(tmp_path / "b.partial.pt", weights_only=False)["done"] == 4
+    assert load_state(tmp_path / "b.partial.safetensors", PARTIAL_KIND)["done"] == 4  # nothing unpickled
     monkeypatch.setattr(ev, "_progress", real)
     other = SegEvalConfig(**{**cfg.__dict__, "budgets": [1, 2]})
     with pytest.raises(Exception, match="--fresh"):
@@ -83,7 +85,7 @@ def test_interrupted_seg_eval_resumes_to_the_same_numbers(tmp_path, monkeypatch)
         assert (a["miou"], a["pixel_accuracy"], a["per_class_iou"]) == (b["miou"], b["pixel_accuracy"], b["per_class_iou"])
     # --fresh starts over with the other arguments
     run_seg_eval(cfg, tmp_path / "c.json", log=lambda m: None)
-    assert not (tmp_path / "b.partial.pt").exists()
+    assert not (tmp_path / "b.partial.safetensors").exists()
     logs.clear()
     run_seg_eval(other, tmp_path / "b.json", log=logs.append, fresh=True)
     assert not any("resuming" in m for m in logs)
@@ -143,7 +145,7 @@ def test_train_segmenter_writes_a_checkpoint_that_loads_and_refuses_a_foreign_re
     loaded = load_segmenter(str(out))
     assert loaded.input_size == (1, 64, 64) and loaded.num_classes == 11
     assert json.loads(out.with_suffix(".json").read_text())["recipe"]["steps"] == 3
-    torch.save({"recipe": {"arch": "other"}}, out.with_name(out.name + ".resume.pt"))
+    save_state({"recipe": {"arch": "other"}}, out.with_name(out.name + ".resume.safetensors"), RESUME_KIND)
     with pytest.raises(Exception, match="another recipe"):
         train_segmenter(recipe, out, log=lambda m: None)
 
@@ -186,9 +188,9 @@ def test_mixed_size_ade20k_needs_and_evaluates_with_size(tmp_path, capsys):
     assert res["data"] == "ade20k:validation" and res["config"]["size"] == [32, 48]
     assert res["rows"][0]["budget"] == 1 and res["rows"][0]["miou"] == res["plain"]["miou"]
     # the size is part of the saved configuration: a partial file of another size is not resumed
-    partial = tmp_path / "p.partial.pt"
-    torch.save({"version": 2, "config": {**res["config"], "size": [32, 32]}, "batches": 1, "done": 2, "stats": {}},
-               partial)
+    partial = tmp_path / "p.partial.safetensors"
+    save_state({"version": 3, "config": {**res["config"], "size": [32, 32]}, "batches": 1, "done": 2, "stats": {}},
+               partial, PARTIAL_KIND)
     assert main([*base, "--size", "32,48", "--json", str(tmp_path / "p.json")]) == 2
     err = capsys.readouterr().err
     assert "other arguments" in err and "size" in err and "--fresh" in err
@@ -222,7 +224,7 @@ def test_old_partial_files_are_refused_with_a_hint_to_start_fresh(tmp_path):
     out = tmp_path / "a.json"
     torch.save({"version": 1, "config": dict(cfg.__dict__), "batches": 1, "done": 2,
                 "confusion": {"plain": torch.zeros(2, 11, 11, dtype=torch.int64)}}, out.with_suffix(".partial.pt"))
-    with pytest.raises(Exception, match="version 1.*--fresh"):
+    with pytest.raises(Exception, match="pickle format of an older undiscard.*--fresh"):  # never unpickled
         run_seg_eval(cfg, out, log=lambda m: None)
 
 

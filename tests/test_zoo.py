@@ -9,7 +9,8 @@ import torch
 
 import undiscard
 from undiscard.models import load_model
-from undiscard.zoo import Recipe, train_backbone
+from undiscard.statefile import save_state
+from undiscard.zoo import RESUME_KIND, Recipe, train_backbone
 
 
 def _recipe(**kw):
@@ -30,14 +31,14 @@ def test_a_short_run_writes_a_checkpoint_load_model_rebuilds(tmp_path):
     with safe_open(str(out), "pt") as fh:
         meta = fh.metadata()
     assert json.loads(meta["undiscard.recipe"])["seed"] == 0 and meta["undiscard.dataset"] == "fashion-mnist"
-    assert not out.with_name(out.name + ".resume.pt").exists()
+    assert not out.with_name(out.name + ".resume.safetensors").exists()
     with torch.no_grad():
         assert torch.isfinite(loaded.model(torch.randn(2, 1, 32, 32))).all()
 
 
 def test_a_resume_file_from_another_recipe_is_refused(tmp_path):
     out = tmp_path / "m.safetensors"
-    torch.save({"recipe": {"arch": "timm:other"}}, out.with_name(out.name + ".resume.pt"))
+    save_state({"recipe": {"arch": "timm:other"}}, out.with_name(out.name + ".resume.safetensors"), RESUME_KIND)
     with pytest.raises(undiscard.UndiscardError, match="another recipe"):
         train_backbone(_recipe(), out, log=lambda m: None)
 

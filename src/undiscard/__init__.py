@@ -15,9 +15,13 @@ from undiscard.aggregator import AttentionAggregator, load_aggregator
 from undiscard.compose import ImageTTA
 from undiscard.engine import run_states, use_states
 from undiscard.errors import (
+    FileTrustError,
     InputError,
+    ModelModeError,
     NoSubsamplingSiteError,
+    OptionError,
     SiteMismatchError,
+    SplitError,
     StateError,
     UndiscardError,
     UnknownModelError,
@@ -43,7 +47,11 @@ __all__ = [
     "SiteMap",
     "SiteOp",
     "UndiscardError",
+    "FileTrustError",
     "InputError",
+    "ModelModeError",
+    "OptionError",
+    "SplitError",
     "NoSubsamplingSiteError",
     "SiteMismatchError",
     "StateError",

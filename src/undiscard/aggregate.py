@@ -3,7 +3,10 @@
 * ``mean``: the plain average;
 * ``entropy``: ``w_s = (1 - H(p_s) / log K) / Z``, so confident states weigh more.
   NaN-safe: ``0 * log 0`` counts as 0, non-finite logits get weight 0, and an image
-  whose weights are all 0 (every state uniform) falls back to equal weights.
+  whose weights are all 0 (every valid state uniform) falls back to equal weights over
+  its valid states. The weights of every image sum to 1: an image with no valid state
+  at all (every state non-finite or masked) gets equal weights over its unmasked states, so
+  its aggregate is as non-finite as its inputs instead of a silent 0.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from undiscard.errors import InputError
 
 __all__ = ["entropy", "entropy_weights", "weighted_mean"]
 
@@ -29,9 +34,20 @@ def entropy_weights(logits: torch.Tensor, mask: torch.Tensor | None = None) -> t
     Args:
         logits: ``(N, B, K)``.
         mask: optional ``(N, B)`` bool, False for padding states (weight 0).
+
+    Shape:
+        ``(N, B, K)`` -> ``(N, B)``; every row sums to 1 (see the module docstring for
+        non-finite and masked states).
+
+    Example:
+        >>> w = entropy_weights(torch.tensor([[[4.0, 0.0], [0.0, 0.0], [float("nan"), 0.0]]]))
+        >>> w.sum().item(), w[0, 1].item(), w[0, 2].item()
+        (1.0, 0.0, 0.0)
+        >>> entropy_weights(torch.full((1, 2, 3), float("nan"))).tolist()
+        [[0.5, 0.5]]
     """
     if logits.dim() != 3:
-        raise ValueError(f"logits must be (N, B, K); got {tuple(logits.shape)}")
+        raise InputError(f"logits must be (N, B, K); got {tuple(logits.shape)}")
     k = logits.shape[-1]
     finite = torch.isfinite(logits).all(-1)
     safe = torch.where(finite[..., None], logits, torch.zeros_like(logits))
@@ -39,7 +55,11 @@ def entropy_weights(logits: torch.Tensor, mask: torch.Tensor | None = None) -> t
     valid = finite if mask is None else finite & mask
     w = torch.where(valid, w, torch.zeros_like(w))
     z = w.sum(1, keepdim=True)
-    uniform = valid.double() / valid.double().sum(1, keepdim=True).clamp_min(1)
+    # equal weights over the valid states; where none is valid, over the unmasked ones (all if none)
+    fallback = torch.ones_like(valid) if mask is None else mask.to(torch.bool)
+    fallback = torch.where(fallback.any(1, keepdim=True), fallback, torch.ones_like(valid))
+    pool = torch.where(valid.any(1, keepdim=True), valid, fallback)
+    uniform = pool.double() / pool.double().sum(1, keepdim=True).clamp_min(1)
     return torch.where(z > 0, w / z.clamp_min(1e-300), uniform).to(logits.dtype)
 
 

@@ -200,6 +200,18 @@ def _random_states(sites, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return out
 
 
+#: What ``OUT.cache.safetensors`` holds (:func:`undiscard.statefile.save_state`).
+_CACHE_KIND = "undiscard.aggregator-cache/2"
+
+
+def _data_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in (images, labels):
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def train_aggregator(
     wrapped,
     images: torch.Tensor,
@@ -215,6 +227,7 @@ def train_aggregator(
     heads: int = 4,
     seed: int = 0,
     backbone_name: str = "",
+    fresh: bool = False,
     log=print,
 ) -> dict:
     """Train an :class:`AttentionAggregator` on a frozen backbone and save it to ``out``.
@@ -222,29 +235,76 @@ def train_aggregator(
     ``wrapped``: an :class:`undiscard.method.Undiscard` (it fixes searchable sites, align,
     fill). For every training image the final maps of ``states_per_image`` states (the
     default and random others) are computed once and cached (float16, resumable: a
-    ``OUT.cache.pt`` file); each batch then draws a budget ``B`` uniformly from
+    ``OUT.cache.safetensors`` file, tied to the backbone's weights, the sites, the images
+    and the settings; the ``OUT.cache.pt`` pickles of older versions are refused, never
+    loaded); each batch then draws a budget ``B`` uniformly from
     ``1..states_per_image`` and a random subset of ``B`` states (the default always in),
     and the aggregator learns to make the frozen head right (cross-entropy), with AdamW
     and a cosine schedule.
+
+    An ``out`` that already holds an aggregator trained with the same settings, backbone
+    and data is not retrained (its training losses are returned); another one is refused
+    unless ``fresh``, which also deletes the feature cache.
     """
     from undiscard.engine import use_states
+    from undiscard.errors import FileTrustError
+    from undiscard.statefile import load_state, looks_like_pickle, save_state
 
     out = Path(out)
-    cache_path = out.with_name(out.name + ".cache.pt")
+    cache_path = out.with_name(out.name + ".cache.safetensors")
+    legacy = out.with_name(out.name + ".cache.pt")
     model, sp = wrapped.model, wrapped.split
     model.eval()
     sites = wrapped.sites_for(images[:1])
     k = min(states_per_image, sites.space_size)
-    gen = torch.Generator().manual_seed(seed)
     n = images.shape[0]
+    train_meta = {"images": n, "states_per_image": k, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                  "weight_decay": weight_decay, "dim": dim, "heads": heads, "seed": seed}
+    identity = {"undiscard.backbone_fingerprint": backbone_fingerprint(model), "undiscard.sites": sites_signature(sites),
+                "undiscard.searchable": json.dumps(list(sites.searchable)),
+                "undiscard.input_size": json.dumps(list(images.shape[1:])),
+                "undiscard.align": "1" if wrapped.align else "0", "undiscard.fill": wrapped.fill,
+                "undiscard.data": _data_digest(images, labels), "undiscard.train": json.dumps(train_meta)}
+    if fresh:
+        for f in (cache_path, legacy, out):
+            if f.exists():
+                f.unlink()
+                log(f"--fresh: deleted {f}")
+    if out.exists():
+        redo = "add --fresh to retrain it (this replaces it), or choose another --out"
+        try:
+            from safetensors import safe_open
+
+            if looks_like_pickle(out):
+                raise ValueError("a pickle")
+            with safe_open(str(out), "pt") as fh:
+                meta = dict(fh.metadata() or {})
+        except Exception as exc:
+            raise UndiscardError(f"{out} exists and is not an aggregator checkpoint ({exc}); {redo}") from None
+        if meta.get("undiscard.format") != _FORMAT:
+            raise UndiscardError(f"{out} exists and is not an aggregator checkpoint; {redo}")
+        diff = [key for key, v in identity.items() if meta.get(key) != v]
+        if diff:
+            raise UndiscardError(f"{out} holds an aggregator trained with other settings (differing: "
+                                 f"{', '.join(d.removeprefix('undiscard.') for d in diff)}); {redo}")
+        log(f"{out} is complete (trained with the same settings, backbone and data): nothing to train; "
+            "add --fresh to retrain it")
+        return {"loss": json.loads(meta.get("undiscard.loss", "[]")), "out": str(out)}
+    if legacy.exists():
+        raise FileTrustError(f"{legacy}: feature cache in the pickle format of an older undiscard; it is not loaded "
+                             "(unpickling a file can run code): add --fresh to delete it (or delete it) and rerun")
+    gen = torch.Generator().manual_seed(seed)
     states = _random_states(sites, n, k, gen)
     stride = sites.stride_total
+    key = {"n": n, "k": k, "seed": seed, **{kk: v for kk, v in identity.items() if kk != "undiscard.train"}}
     cache: dict[str, Any] = {"done": 0, "feats": None}
     if cache_path.exists():
-        cache = torch.load(cache_path, weights_only=False)
-        if cache.get("n") != n or cache.get("k") != k or cache.get("seed") != seed:
-            cache = {"done": 0, "feats": None}
+        prev = load_state(cache_path, _CACHE_KIND, what="aggregator feature cache",
+                          hint="delete it (or add --fresh) and rerun")
+        if prev.get("key") != key:
+            log(f"{cache_path} was computed for other settings, backbone or images: computing the features afresh")
         else:
+            cache = prev
             log(f"resuming the feature cache at {cache['done']}/{n} images")
     t0 = time.perf_counter()
     chunk = max(1, wrapped.max_batch // k)
@@ -270,9 +330,9 @@ def train_aggregator(
                 if (s // chunk) % 20 == 0:
                     log(f"features {cache['done']}/{n} images x {k} states ({time.perf_counter() - t0:.0f} s)")
     except KeyboardInterrupt:
-        torch.save({**cache, "n": n, "k": k, "seed": seed}, cache_path)
+        save_state({**cache, "key": key}, cache_path, _CACHE_KIND)
         raise UndiscardError("interrupted; the feature cache is saved: run the same command again to resume") from None
-    torch.save({**cache, "n": n, "k": k, "seed": seed}, cache_path)
+    save_state({**cache, "key": key}, cache_path, _CACHE_KIND)
     feats = cache["feats"]
     delta = sites.displacement(states.flatten(0, 1)).reshape(n, k, -1)
     cells = (delta.double() / torch.tensor(stride, dtype=torch.float64)).float()
@@ -312,15 +372,9 @@ def train_aggregator(
     agg.eval()
     meta = {
         "undiscard.backbone": backbone_name,
-        "undiscard.backbone_fingerprint": backbone_fingerprint(model),
-        "undiscard.sites": sites_signature(sites),
-        "undiscard.searchable": json.dumps(list(sites.searchable)),
-        "undiscard.input_size": json.dumps(list(images.shape[1:])),
+        **identity,
         "undiscard.feature_dim": str(channels),
-        "undiscard.align": "1" if wrapped.align else "0",
-        "undiscard.fill": wrapped.fill,
-        "undiscard.train": json.dumps({"images": n, "states_per_image": k, "epochs": epochs, "batch_size": batch_size,
-                                       "lr": lr, "weight_decay": weight_decay, "seed": seed}),
+        "undiscard.loss": json.dumps(history),
     }
     save_aggregator(agg, out, meta)
     cache_path.unlink(missing_ok=True)

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["shift_cells", "align_to_default"]
+from undiscard.errors import InputError
+from undiscard.options import check_choice
 
-_FILLS = ("zeros", "border", "circular")
+__all__ = ["FILLS", "shift_cells", "align_to_default"]
+
+FILLS = ("zeros", "border", "circular")
 
 
 def _shift_int(f: torch.Tensor, k: torch.Tensor, dim: int, fill: str) -> torch.Tensor:
@@ -50,16 +53,21 @@ def shift_cells(f: torch.Tensor, shift: torch.Tensor, fill: str = "zeros") -> to
     Returns:
         ``(N, C, *spatial)``.
 
+    Shape:
+        ``f``: ``(N, C, *spatial)``, ``shift``: ``(N, D)`` -> ``(N, C, *spatial)``.
+
+    Raises:
+        OptionError: an unknown ``fill``. InputError: ``shift`` not ``(N, D)``.
+
     Example:
         >>> f = torch.arange(4.0).reshape(1, 1, 1, 4)
         >>> shift_cells(f, torch.tensor([[0.0, 0.5]]))
         tensor([[[[0.0000, 0.5000, 1.5000, 2.5000]]]])
     """
-    if fill not in _FILLS:
-        raise ValueError(f"fill must be one of {_FILLS}; got {fill!r}")
+    check_choice("fill", fill, FILLS)
     nd = f.dim() - 2
     if shift.shape != (f.shape[0], nd):
-        raise ValueError(f"shift must be (N, D) = ({f.shape[0]}, {nd}) for maps of shape {tuple(f.shape)}; got {tuple(shift.shape)}")
+        raise InputError(f"shift must be (N, D) = ({f.shape[0]}, {nd}) for maps of shape {tuple(f.shape)}; got {tuple(shift.shape)}")
     shift = shift.to(device=f.device, dtype=torch.float64)
     out = f
     for a in range(nd):

@@ -50,7 +50,8 @@ def _load(args):
     from undiscard.models import load_model
     from undiscard.sites import find_sites
 
-    loaded = load_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes, in_chans=args.in_chans)
+    loaded = load_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes, in_chans=args.in_chans,
+                        trust_pickle=args.trust_pickle)
     size = tuple(args.input_size) if args.input_size else loaded.input_size
     if any(v <= 0 for v in size):
         raise UndiscardError(f"--input-size takes three positive integers C H W; got {' '.join(map(str, size))}")
@@ -91,13 +92,23 @@ def cmd_check(args) -> int:
     return 1 if failed else 0
 
 
+def _check_outputs(*items) -> None:
+    """Refuse, before any computation, an output that cannot be written: ``(flag, path[, folder])`` items."""
+    from undiscard.statefile import check_output_path
+
+    for flag, path, *folder in items:
+        check_output_path(path, flag, folder=bool(folder and folder[0]))
+
+
 def cmd_train_backbone(args) -> int:
     from undiscard.zoo import Recipe, train_backbone
 
+    _check_outputs(("--out", args.out))
     torch.set_num_threads(args.threads) if args.threads else None
     recipe = Recipe(arch=args.arch, size=args.size, in_chans=args.in_chans, epochs=args.epochs,
                     batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    train_backbone(recipe, args.out, root=args.data_root, half=not args.fp32)
+    train_backbone(recipe, args.out, root=args.data_root, half=not args.fp32, fresh=args.fresh,
+                   log=lambda m: print(m, file=sys.stderr))
     return 0
 
 
@@ -106,6 +117,9 @@ def _csv(text: str) -> list[str]:
 
 
 def cmd_eval(args) -> int:
+    _check_outputs(("--json", args.json), ("--plot", args.plot),
+                   ("--save-image-aggregators", args.save_image_aggregators, True),
+                   *([("--cache-dir", args.cache_dir, True)] if args.image_tta != "none" else []))
     if args.size is not None and args.task != "segmentation":
         raise UndiscardError("--size is a segmentation option (with --task segmentation it resizes the images "
                              "bilinearly and the labels nearest-neighbour); classification evaluates at the "
@@ -150,16 +164,63 @@ def cmd_eval(args) -> int:
         aggregator=args.aggregator, searchable=_parse_searchable(args.searchable), align=not args.no_align,
         limit=args.limit, start=args.start, batch_size=args.batch_size, max_batch=args.max_batch, width=args.width or None, seed=args.seed,
         engine=args.engine, timing_images=args.timing_images, repeats=args.repeats, single_states=args.single_states, threads=args.threads,
+        skip_corrupt=args.skip_corrupt, trust_pickle=args.trust_pickle,
     )
+    before = _mtime(args.json)
     result = run_eval(cfg, args.json, log=lambda m: print(m, file=sys.stderr), fresh=args.fresh)
     if result is None:  # a rank other than 0 of a torchrun launch: rank 0 prints and writes
         return 0
     print(format_table(result))
-    if args.json:
+    if args.json and _mtime(args.json) != before:  # not when a completed file was reused
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         print(f"wrote {plot(result, args.plot)}", file=sys.stderr)
     return 0
+
+
+def _mtime(path: str | None) -> int | None:
+    try:
+        return Path(path).stat().st_mtime_ns if path else None
+    except OSError:
+        return None
+
+
+#: Options that change no number of an image-TTA report: left out of the arguments it records.
+_NOT_ARGUMENTS = ("func", "command", "json", "fresh", "plot", "threads", "trust_pickle", "cache_dir",
+                  "save_image_aggregators")
+
+
+def _report_identity(args, name: str) -> dict:
+    """What an image-TTA ``--json`` report records of the command that wrote it (JSON values)."""
+    return json.loads(json.dumps({"name": name, "arguments": {k: v for k, v in sorted(vars(args).items())
+                                                              if k not in _NOT_ARGUMENTS}}))
+
+
+def _check_report(path: str | None, identity: dict, fresh: bool) -> None:
+    """Refuse to overwrite a ``--json`` report of other arguments (or not a report of this command) unless ``--fresh``.
+
+    The same arguments recompute it: the view logits come from the cache, so the numbers
+    are the same ones (the costs are measured again).
+    """
+    if not path or fresh or not Path(path).exists():
+        return
+    name = identity["name"]
+    redo = ("add --fresh to replace it (it also deletes the cached view logits of these settings), or choose "
+            "another --json")
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UndiscardError(f"{path} exists and is not the JSON of an `undiscard {name}` result "
+                             f"({type(exc).__name__}); {redo}") from None
+    got = saved.get("command") if isinstance(saved, dict) else None
+    if not isinstance(got, dict) or got.get("name") != name or not isinstance(got.get("arguments"), dict):
+        raise UndiscardError(f"{path} exists and is not a result of `undiscard {name}`; it is not overwritten: {redo}")
+    if got["arguments"] != identity["arguments"]:
+        from undiscard.evaluate import _config_diff
+
+        raise UndiscardError(f"{path}: completed `undiscard {name}` result of other arguments "
+                             f"({_config_diff(got['arguments'], identity['arguments'])}); it is not overwritten: rerun "
+                             f"with the same arguments, or {redo}")
 
 
 def _tta_config(args, **kw):
@@ -178,7 +239,7 @@ def _tta_config(args, **kw):
                      aggregate=agg[0] if agg else "entropy", aggregator=args.aggregator,
                      searchable=_parse_searchable(args.searchable), batch_size=args.batch_size, max_batch=args.max_batch,
                      seed=args.seed, timing_images=args.timing_images, repeats=args.repeats, threads=args.threads,
-                     cache_dir=args.cache_dir, **kw)
+                     cache_dir=args.cache_dir, skip_corrupt=args.skip_corrupt, trust_pickle=args.trust_pickle, **kw)
 
 
 def _write_json(result: dict, path: str | None) -> None:
@@ -210,7 +271,10 @@ def _cmd_eval_image_tta(args) -> int:
             raise UndiscardError(f"{flag} is not available with --image-tta (it applies to the feature-space table)")
     cfg = _tta_config(args, load_aggregator=args.image_aggregator, save_aggregators=args.save_image_aggregators)
     rows = cli_rows(args.image_tta, args.image_budget, budgets_from(args.budget))
+    identity = _report_identity(args, "eval --image-tta")
+    _check_report(args.json, identity, args.fresh)
     result = run_tta(cfg, rows, fresh=args.fresh)
+    result["command"] = identity
     print(format_tta(result))
     _write_json(result, args.json)
     return 0
@@ -224,8 +288,12 @@ def cmd_tta_study(args) -> int:
     if args.feature_budget < 2:
         raise UndiscardError(f"--feature-budget is B_feat of the rows with ours and must be >= 2 (1 is the image "
                              f"method alone, already in the table); got {args.feature_budget}")
+    _check_outputs(("--json", args.json), ("--cache-dir", args.cache_dir, True))
     cfg = _tta_config(args)
+    identity = _report_identity(args, "tta-study")
+    _check_report(args.json, identity, args.fresh)
     result = run_tta(cfg, study_rows(totals, args.feature_budget), fresh=args.fresh)
+    result["command"] = identity
     result["study"] = {"totals": totals, "feature_budget": args.feature_budget}
     print(format_tta(result))
     _write_json(result, args.json)
@@ -238,15 +306,17 @@ def cmd_train_aggregator(args) -> int:
     from undiscard.method import wrap
     from undiscard.models import load_model
 
+    _check_outputs(("--out", args.out))
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(args.model)
-    x, y, _ = load_data(args.data, loaded.input_size, args.images, args.start)
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    loaded = load_model(args.model, trust_pickle=args.trust_pickle)
+    x, y, _ = load_data(args.data, loaded.input_size, args.images, args.start, skip_corrupt=args.skip_corrupt, log=log)
     x = x if isinstance(x, torch.Tensor) else x[:]  # a folder: decode the training subset once
     w = wrap(loaded.model, budget=1, searchable=_parse_searchable(args.searchable), align=not args.no_align)
     train_aggregator(w, x, y, args.out, states_per_image=args.states, epochs=args.epochs, batch_size=args.batch_size,
                      lr=args.lr, dim=args.dim, heads=args.heads, seed=args.seed, backbone_name=loaded.spec,
-                     log=lambda m: print(m, file=sys.stderr))
+                     fresh=args.fresh, log=log)
     return 0
 
 
@@ -270,6 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--in-chans", type=int, default=None, help="build the zoo model with this many input channels")
         sp.add_argument("--searchable", default="inner",
                         help="searchable sites: inner (default: main-path sites but first and last), main, all, or 1,2,3")
+        trust_arg(sp)
+
+    def trust_arg(sp):
+        sp.add_argument("--trust-pickle", action="store_true",
+                        help="allow MODEL to be a .pt/.pth whole-module pickle: loading it runs whatever code the file "
+                             "holds, so only for files you trust (default: refused; prefer a .safetensors checkpoint)")
+
+    def corrupt_arg(sp):
+        sp.add_argument("--skip-corrupt", action="store_true",
+                        help="with an image folder as --data: leave out the images that cannot be decoded, with a "
+                             "warning naming them (default: such an image is an error naming it)")
 
     sp = sub.add_parser("sites", help="list the subsampling sites of a model")
     model_args(sp)
@@ -325,9 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     sp.add_argument("--json", default=None,
                     help="write results here; progress is saved per shard as it completes and a rerun of the same "
-                         "command resumes it (OUT.partial.pt, or OUT.shard{r}of{N}.partial.pt under torchrun)")
+                         "command resumes it (OUT.partial.safetensors, or OUT.shard{r}of{N}.partial.safetensors under "
+                         "torchrun); a completed OUT is reused by the same command (printed, not recomputed) and "
+                         "refused with other arguments")
     sp.add_argument("--fresh", action="store_true",
-                    help="delete the saved partial results of --json OUT and start over (needed after changing arguments)")
+                    help="delete the saved partial results and a completed --json OUT and start over (needed after "
+                         "changing arguments)")
+    trust_arg(sp)
+    corrupt_arg(sp)
     sp.add_argument("--plot", default=None, help="write a PNG of accuracy and cost vs budget; with --task segmentation: "
                                                  "the first images' input / ground truth / baseline / ours and mIoU "
                                                  "vs budget")
@@ -365,8 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timing-images", type=int, default=32)
     sp.add_argument("--repeats", type=int, default=3)
     sp.add_argument("--threads", type=int, default=0)
-    sp.add_argument("--json", default=None, help="write the results here")
-    sp.add_argument("--fresh", action="store_true", help="delete the cached logits of these settings first")
+    sp.add_argument("--json", default=None, help="write the results here (a report of other arguments is not "
+                                                 "overwritten without --fresh)")
+    sp.add_argument("--fresh", action="store_true", help="delete the cached logits of these settings first (and "
+                                                         "allow replacing a --json of other arguments)")
+    trust_arg(sp)
+    corrupt_arg(sp)
     tta_args(sp)
     sp.set_defaults(func=cmd_tta_study)
 
@@ -386,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--searchable", default="inner")
     sp.add_argument("--no-align", action="store_true", help="train on unaligned maps (ablation)")
     sp.add_argument("--threads", type=int, default=0)
+    sp.add_argument("--fresh", action="store_true",
+                    help="delete the feature cache and an existing --out first (an --out trained with the same "
+                         "settings is otherwise kept, one of other settings refused)")
+    trust_arg(sp)
+    corrupt_arg(sp)
     sp.set_defaults(func=cmd_train_aggregator)
 
     sp = sub.add_parser("train-backbone", help="train a zoo backbone on Fashion-MNIST (seeded, resumable)")
@@ -400,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     sp.add_argument("--fp32", action="store_true", help="store float32 weights (default float16)")
     sp.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX files")
+    sp.add_argument("--fresh", action="store_true",
+                    help="delete the resume file, an existing --out and its JSON summary first (an --out of the same "
+                         "recipe is otherwise kept, one of another recipe refused)")
     sp.set_defaults(func=cmd_train_backbone)
 
     sp = sub.add_parser("train-segmenter", help="train deeplabv3-tiny or segformer-tiny on fashion-mnist-seg (seeded, resumable)")
@@ -414,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     sp.add_argument("--fp32", action="store_true", help="store float32 weights (default float16)")
     sp.add_argument("--data-root", default=None, help="folder with the Fashion-MNIST IDX files")
+    sp.add_argument("--fresh", action="store_true",
+                    help="delete the resume file, an existing --out and its JSON summary first (an --out of the same "
+                         "recipe is otherwise kept, one of another recipe refused)")
     sp.set_defaults(func=cmd_train_segmenter)
 
     sp = sub.add_parser("fit-policy", help="fit dataset-level state lists on the val split; compare with per-image search")
@@ -425,9 +526,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timing-images", type=int, default=32)
     sp.add_argument("--repeats", type=int, default=3)
     sp.add_argument("--threads", type=int, default=0)
-    sp.add_argument("--json", default=None, help="write results here; a rerun resumes from it (same settings)")
+    sp.add_argument("--json", default=None, help="write results here; a rerun resumes from it (same settings; "
+                                                 "other settings are refused)")
     sp.add_argument("--fresh", action="store_true", help="ignore a saved --json and start over")
     sp.add_argument("--plot", default=None, help="PNG of accuracy vs cost with the Pareto front")
+    trust_arg(sp)
     sp.set_defaults(func=cmd_fit_policy)
 
     sp = sub.add_parser("bench", help="time/FLOPs/memory of ours vs the plain model, a re-run baseline and the trie floor")
@@ -453,17 +556,20 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train_segmenter(args) -> int:
     from undiscard.segtrain import SegRecipe, train_segmenter
 
+    _check_outputs(("--out", args.out))
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = SegRecipe.for_arch(args.arch, steps=args.steps, lr=args.lr, batch_size=args.batch_size, size=args.size,
                                 seed=args.seed, val_images=args.val_images)
-    train_segmenter(recipe, args.out, root=args.data_root, half=not args.fp32, log=lambda m: print(m, file=sys.stderr))
+    train_segmenter(recipe, args.out, root=args.data_root, half=not args.fp32, fresh=args.fresh,
+                    log=lambda m: print(m, file=sys.stderr))
     return 0
 
 
 def cmd_fit_policy(args) -> int:
     from undiscard import policy
 
+    _check_outputs(("--json", args.json), ("--plot", args.plot))
     if args.threads:
         torch.set_num_threads(args.threads)
     spaces = None
@@ -475,7 +581,14 @@ def cmd_fit_policy(args) -> int:
     out = Path(args.json) if args.json else None
     previous = None
     if out is not None and out.exists() and not args.fresh:
-        previous = json.loads(out.read_text())
+        try:
+            previous = json.loads(out.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise UndiscardError(f"{out} exists and is not the JSON of a fit-policy result ({type(exc).__name__}); "
+                                 "add --fresh to replace it, or choose another --json") from None
+        if not isinstance(previous, dict):
+            raise UndiscardError(f"{out} exists and is not a fit-policy result; add --fresh to replace it, or choose "
+                                 "another --json")
 
     def save(result):
         if out is not None:
@@ -486,7 +599,7 @@ def cmd_fit_policy(args) -> int:
 
     result = policy.run_study(args.model, spaces=spaces, val_images=args.val_images, test_limit=args.limit,
                               max_budget=args.max_budget, timing_images=args.timing_images, repeats=args.repeats,
-                              save=save, previous=previous)
+                              save=save, previous=previous, previous_name=str(out), trust_pickle=args.trust_pickle)
     print(policy.format_study(result))
     if args.plot:
         policy.plot_study(result, args.plot)
@@ -497,6 +610,7 @@ def cmd_bench(args) -> int:
     from undiscard import bench
     from undiscard.method import budgets_from
 
+    _check_outputs(("--json", args.json), ("--plot", args.plot))
     try:
         memory = [(m, int(b), int(n)) for m, b, n in (t.split(":") for t in _csv(args.memory))]
     except ValueError:

@@ -51,6 +51,7 @@ __all__ = [
     "fashion_mnist_tensors",
     "TensorImageDataset",
     "image_folder",
+    "unreadable_images",
     "DatasetNotFoundError",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_MEAN",
@@ -504,12 +505,40 @@ def fashion_mnist_tensors(
 
 # ----------------------------------------------------------------- image folders
 
-def _pil_loader(path: str, mode: str) -> object:
+#: What to do about an image that cannot be decoded, named in the error.
+CORRUPT_HINT = "replace or remove it, or pass --skip-corrupt to leave such images out (with a warning naming them)"
+
+
+def _decode_error(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _decode(path: str, mode: str) -> object:
     from PIL import Image
 
     with open(path, "rb") as f:
         img = Image.open(f)
         return img.convert(mode)
+
+
+def _pil_loader(path: str, mode: str) -> object:
+    """The image at ``path`` decoded and converted to ``mode``; :class:`InputError` naming the file if it cannot be."""
+    try:
+        return _decode(path, mode)
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError ... for broken files
+        raise InputError(f"{path}: not a readable image ({_decode_error(exc)}); {CORRUPT_HINT}") from None
+
+
+def unreadable_images(paths: Sequence[str | os.PathLike[str]], mode: str = "RGB") -> list[tuple[str, str]]:
+    """``(path, reason)`` of each of ``paths`` that PIL cannot fully decode (as ``mode``), in order."""
+    bad = []
+    for p in paths:
+        try:
+            _decode(str(p), mode)
+        except Exception as exc:
+            bad.append((str(p), _decode_error(exc)))
+    return bad
 
 
 def image_folder(

@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from undiscard.errors import SiteMismatchError
+from undiscard.errors import SiteMismatchError, StateError
+from undiscard.inputs import check_batch, check_dtype, check_eval_mode
 from undiscard.oprefs import BINDERS
 from undiscard.ops import shift_at_offset
 from undiscard.sites import SiteMap
@@ -48,6 +49,8 @@ def _groups(sites: SiteMap, states: torch.Tensor) -> tuple[dict[int, Groups], in
                 out[i] = [(site.offset_of(k), None)]
             continue
         values = torch.unique(col)
+        if len(values) == 0:  # an empty batch: nothing to shift
+            continue
         if len(values) == 1:
             k = int(values[0])
             if k:
@@ -169,17 +172,47 @@ def _shift_hook(token: object, groups: Groups, batch: int | None, dims: tuple[in
     return hook
 
 
-def run_states(model: nn.Module, x: Any, states: Any, sites: SiteMap, **kwargs: Any) -> Any:
+def run_states(model: nn.Module, x: Any, states: Any, sites: SiteMap, *, allow_train: bool = False,
+               **kwargs: Any) -> Any:
     """``model(x, **kwargs)`` under ``states`` (one for all, or one per sample).
 
+    Differentiable: gradients flow to ``x`` and to the parameters through every state
+    (the offset ops are the model's own ops on shifted inputs), so it can train a
+    network under offsets.
+
     Args:
-        x: ``(N, C, H, W)`` (or whatever the model takes; the batch is axis 0).
+        x: ``(N, C, *spatial)`` with as many spatial axes as the sites have (or, for a
+            model that takes something else, whatever it takes; the batch is axis 0).
         states: ``(L,)`` or ``(N, L)`` flat offset indices, or offset tuples.
         sites: from :func:`undiscard.find_sites`.
+        allow_train: run a model in train mode (BatchNorm on the batch's statistics,
+            its running buffers updated): for training under offsets. Without it a
+            model in train mode is refused.
 
     Returns:
         What ``model`` returns.
+
+    Raises:
+        ModelModeError: the model is in train mode and ``allow_train`` is False.
+        InputError: an unbatched tensor, or a dtype the model cannot take.
+        StateError: states of the wrong shape, not integers, or out of range.
+
+    Shape:
+        ``x``: ``(N, C, *spatial)``, ``states``: ``(L,)`` or ``(N, L)`` -> ``model(x)``.
     """
-    with use_states(model, sites, states):
+    if not allow_train:
+        check_eval_mode(model, what="run_states", opt_in="allow_train=True")
+    st = sites.encode(states)
+    if isinstance(x, torch.Tensor):
+        check_batch(x, len(sites.stride_total))
+        check_dtype(model, x)
+        if st.dim() == 2 and st.shape[0] != x.shape[0]:
+            raise StateError(
+                f"per-sample states need one state per image: got {st.shape[0]} states for a batch of "
+                f"{x.shape[0]}. Pass (N, L) states with N = {x.shape[0]}, or one (L,) state for the whole batch."
+            )
+        if x.shape[0] == 0:  # nothing to shift: the plain model on the empty batch
+            return model(x, **kwargs)
+    with use_states(model, sites, st):
         return model(x, **kwargs)
 

@@ -21,7 +21,23 @@ class InputError(UndiscardError, ValueError):
 
 
 class StateError(UndiscardError, ValueError):
-    """A state of the wrong length, or an offset out of range for its site."""
+    """A state of the wrong length, a non-integer offset, or an offset out of range for its site."""
+
+
+class OptionError(UndiscardError, ValueError):
+    """An option outside its allowed values: criterion, aggregate, engine, budget, max_batch, fill ..."""
+
+
+class ModelModeError(UndiscardError, RuntimeError):
+    """The model is in train mode where the computation needs eval mode (or an explicit opt-in)."""
+
+
+class SplitError(UndiscardError, ValueError):
+    """A features / head split that is malformed or does not reproduce the model."""
+
+
+class FileTrustError(UndiscardError, PermissionError):
+    """A file that could run code when loaded (a pickle), refused without an explicit opt-in."""
 
 
 class UnknownModelError(UndiscardError, LookupError):

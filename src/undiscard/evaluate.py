@@ -16,14 +16,20 @@ the numbers are identical (given the same ``--threads``). The cost is measured o
 alone after the shards finished; only rank 0 prints and writes.
 
 Resuming: with an output path each shard's state is saved atomically after every batch
-(``OUT.partial.pt`` for one process, ``OUT.shard{r}of{N}.partial.pt`` for rank ``r`` of
-``N``); rerunning the same command resumes every shard where it stopped. Saved state from
-other arguments or another number of processes is refused (``fresh=True`` / ``--fresh``
-deletes it and starts over); the shard files are deleted once the JSON is written.
+(``OUT.partial.safetensors`` for one process, ``OUT.shard{r}of{N}.partial.safetensors`` for
+rank ``r`` of ``N``: per-image records as tensors, the rest as JSON metadata, nothing that
+is unpickled, :mod:`undiscard.statefile`); rerunning the same command resumes every shard
+where it stopped. Saved state from other arguments or another number of processes is
+refused (``fresh=True`` / ``--fresh`` deletes it and starts over); the shard files are
+deleted once the JSON is written. A completed ``OUT`` is not recomputed: rerun with the
+same arguments, its saved results are returned as they are (nothing is written); other
+arguments are refused unless ``--fresh``, which deletes it first. The ``.partial.pt``
+pickles of older versions are never loaded: refused, ``--fresh`` deletes them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -65,6 +71,17 @@ class EvalConfig:
     repeats: int = 3
     single_states: bool = False
     threads: int = 0
+    skip_corrupt: bool = False  # a folder's unreadable images are left out (with a warning) instead of an error
+    trust_pickle: bool = False  # allow a whole-module .pt model (unpickling runs code); not part of the saved config
+
+
+#: EvalConfig fields that do not change any number: not compared when resuming or reusing a result.
+_NOT_CONFIG = ("trust_pickle",)
+
+
+def saved_config(cfg) -> dict:
+    """``cfg``'s fields as they are saved (JSON values) and compared on a rerun."""
+    return json.loads(json.dumps({k: v for k, v in cfg.__dict__.items() if k not in _NOT_CONFIG}))
 
 
 def calibration_error(conf: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> float:
@@ -130,9 +147,16 @@ def _progress(total: int, desc: str):
         return _Plain()
 
 
-def load_data(spec: str, input_size: tuple[int, int, int], limit: int | None, start: int = 0):
-    """``fashion-mnist[:split]`` (default split test) or an ImageNet-style folder -> (x, y) tensors."""
-    from undiscard.data import fashion_mnist_tensors, image_folder
+def load_data(spec: str, input_size: tuple[int, int, int], limit: int | None, start: int = 0, *,
+              skip_corrupt: bool = False, log=None):
+    """``fashion-mnist[:split]`` (default split test) or an ImageNet-style folder -> (x, y) tensors.
+
+    A folder's images are decoded a batch at a time; one that cannot be decoded is an
+    error naming it, unless ``skip_corrupt``: then the selected images are all decoded
+    first and the unreadable ones left out, with a warning (``log``, default stderr)
+    naming them; ``x.skipped`` lists them (``[path, reason]``).
+    """
+    from undiscard.data import fashion_mnist_tensors, image_folder, unreadable_images
 
     name, _, split = spec.partition(":")
     if name in ("fashion-mnist", "fmnist"):
@@ -154,8 +178,20 @@ def load_data(spec: str, input_size: tuple[int, int, int], limit: int | None, st
             ds = image_folder(path, input_size=input_size)
         stop = len(ds) if limit is None else min(len(ds), start + limit)
         idx = list(range(start, stop))
+        skipped: list[list[str]] = []
+        if skip_corrupt:
+            bad = unreadable_images([ds.samples[i][0] for i in idx], "RGB" if input_size[0] == 3 else "L")
+            if bad:
+                drop = {p for p, _ in bad}
+                idx = [i for i in idx if ds.samples[i][0] not in drop]
+                skipped = [[p, why] for p, why in bad]
+                warn = log or (lambda m: print(m, file=sys.stderr))
+                warn(f"warning: --skip-corrupt: skipped {len(bad)} unreadable image{'s' if len(bad) > 1 else ''} in "
+                     f"{path} (evaluating {len(idx)}): " + "; ".join(f"{p} ({why})" for p, why in bad))
         y = torch.tensor([ds.targets[i] for i in idx], dtype=torch.long)
-        return _LazyImages(ds, idx, input_size), y, str(path)
+        x = _LazyImages(ds, idx, input_size)
+        x.skipped = skipped
+        return x, y, str(path)
     raise UndiscardError(f"--data takes fashion-mnist[:train|val|test] or an image folder; got {spec!r}")
 
 
@@ -165,6 +201,7 @@ class _LazyImages:
     def __init__(self, ds, indices: list[int], input_size: tuple[int, int, int]) -> None:
         self.ds, self.indices = ds, indices
         self.shape = (len(indices), *input_size)
+        self.skipped: list[list[str]] = []  # [path, reason] of the images --skip-corrupt left out
 
     def __getitem__(self, sl: slice) -> torch.Tensor:
         if not isinstance(sl, slice):
@@ -271,18 +308,27 @@ def _agree(d: _Dist, err: str | None) -> None:
 # ---------------------------------------------------------------- saved state
 
 
+#: What ``OUT.partial.safetensors`` holds (:func:`undiscard.statefile.save_state`): a shard's
+#: per-image records; 3 = the first format that is not a pickle.
+PARTIAL_KIND = "undiscard.eval-partial/3"
+_PARTIAL = ".partial.safetensors"
+_LEGACY = ".partial.pt"  # the pickles of older versions: never loaded
+
+
 def _partial_path(out: Path, rank: int, world: int) -> Path:
-    return out.with_suffix(".partial.pt") if world == 1 else out.with_suffix(f".shard{rank}of{world}.partial.pt")
+    return out.with_suffix(_PARTIAL) if world == 1 else out.with_suffix(f".shard{rank}of{world}{_PARTIAL}")
 
 
-def _saved_partials(out: Path) -> dict[Path, int]:
-    """Saved partial states of ``out`` -> the number of processes of the run that saved each."""
+def _saved_partials(out: Path, legacy: bool = False) -> dict[Path, int]:
+    """Saved partial states of ``out`` -> the number of processes of the run that saved each
+    (``legacy``: the ``.partial.pt`` pickles of older versions instead)."""
+    ext = _LEGACY if legacy else _PARTIAL
     found: dict[Path, int] = {}
-    single = out.with_suffix(".partial.pt")
+    single = out.with_suffix(ext)
     if single.exists():
         found[single] = 1
     if out.parent.is_dir():
-        pat = re.compile(re.escape(out.with_suffix("").name) + r"\.shard(\d+)of(\d+)\.partial\.pt")
+        pat = re.compile(re.escape(out.with_suffix("").name) + r"\.shard(\d+)of(\d+)" + re.escape(ext))
         for f in sorted(out.parent.iterdir()):
             m = pat.fullmatch(f.name)
             if m:
@@ -290,11 +336,32 @@ def _saved_partials(out: Path) -> dict[Path, int]:
     return found
 
 
+def _to_file(state: dict) -> dict:
+    """A shard's state with its per-image lists as tensors (float64 / int64: exact)."""
+    acc = {k: {"conf": torch.tensor(v["conf"], dtype=torch.float64),
+               "correct": torch.tensor(v["correct"], dtype=torch.int64),
+               "nll": torch.tensor(v["nll"], dtype=torch.float64)} for k, v in state["acc"].items()}
+    return {**state, "index": torch.tensor(state["index"], dtype=torch.int64), "acc": acc}
+
+
+def _from_file(state: dict) -> dict:
+    acc = {k: {f: v[f].tolist() for f in ("conf", "correct", "nll")} for k, v in state["acc"].items()}
+    return {**state, "index": state["index"].tolist(), "acc": acc}
+
+
+def read_partial(path: str | os.PathLike) -> dict:
+    """A saved shard state (``OUT.partial.safetensors``) as :func:`run_eval` resumes it; never unpickles."""
+    from undiscard.statefile import load_state
+
+    return _from_file(load_state(path, PARTIAL_KIND, what="partial evaluation",
+                                 hint="add --fresh to delete it and start over"))
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """Write a shard's state (safetensors + JSON metadata, never a pickle): a ``.tmp`` file, then ``os.replace``."""
+    from undiscard.statefile import save_state
+
+    save_state(_to_file(obj), path, PARTIAL_KIND)
 
 
 def _write_text_atomic(text: str, path: Path) -> None:
@@ -309,14 +376,62 @@ def _config_diff(saved: dict, now: dict) -> str:
     return "; ".join(f"{k}: saved {saved.get(k, '<unset>')!r}, now {now.get(k, '<unset>')!r}" for k in keys)
 
 
+def completed_result(out: Path, config: dict, *, task: str = "classification", command: str = "undiscard eval") -> dict | None:
+    """The results in a completed ``out`` written with ``config`` (``None`` when there is no ``out``).
+
+    Raises :class:`UndiscardError` when ``out`` holds something else: results of other
+    arguments (named), another task, or a file that is not such a result. Nothing is
+    recomputed or overwritten without ``--fresh``.
+    """
+    if not out.exists():
+        return None
+    fresh = "add --fresh to delete it and start over, or choose another --json"
+    try:
+        saved = json.loads(out.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UndiscardError(f"{out} exists and is not the JSON of a {command} result ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}); {fresh}") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) or "rows" not in saved:
+        raise UndiscardError(f"{out} exists and is not a {command} result; {fresh}")
+    saved_task = saved.get("task", "classification")
+    if saved_task != task:
+        raise UndiscardError(f"{out} holds a completed {saved_task} evaluation, this is a {task} one; {fresh}")
+    if saved["config"] != config:
+        raise UndiscardError(f"{out}: completed evaluation with other arguments ({_config_diff(saved['config'], config)}); "
+                             f"it is not overwritten: rerun with the same arguments to see its results, or {fresh}")
+    return saved
+
+
+def _completed_on_rank0(out: Path, d: _Dist, config: dict) -> dict | None:
+    """:func:`completed_result` as rank 0 sees it, on every rank (another node may not see rank 0's disk)."""
+    err, saved = None, None
+    if d.rank == 0:
+        try:
+            saved = completed_result(out, config)
+        except UndiscardError as exc:
+            err = str(exc)
+    if d.world > 1:
+        import torch.distributed as dist
+
+        seen: list = [None] * d.world
+        dist.all_gather_object(seen, (err, saved is not None))
+        err, complete = seen[0]
+        if d.rank != 0:
+            saved = {} if complete else None  # only rank 0 returns the results
+    if err:
+        raise UndiscardError(err)
+    return saved
+
+
 def _load_shard_state(out: Path, d: _Dist, config: dict, batch_size: int, fresh: bool, log) -> dict:
     """This rank's saved state (or a new one); refuses state saved with other arguments, on every rank."""
-    state: dict[str, Any] = {"version": 2, "config": config, "shard": [d.rank, d.world], "batches": 0, "done": 0,
+    state: dict[str, Any] = {"version": 3, "config": config, "shard": [d.rank, d.world], "batches": 0, "done": 0,
                              "index": [], "acc": {}}
     if fresh:
         # Every rank deletes what it sees (a node may not share the others' disk), then all wait,
-        # so that no rank's new state is deleted by another.
-        for f in _saved_partials(out):
+        # so that no rank's new state is deleted by another. A completed OUT goes too: starting
+        # over means its results are replaced.
+        for f in [*_saved_partials(out), *_saved_partials(out, legacy=True), *([out] if d.rank == 0 else [])]:
             try:
                 f.unlink()
             except FileNotFoundError:  # another rank was first
@@ -325,27 +440,30 @@ def _load_shard_state(out: Path, d: _Dist, config: dict, batch_size: int, fresh:
         d.barrier()
     err = None
     saved = _saved_partials(out)
+    legacy = sorted(str(f) for f in _saved_partials(out, legacy=True))
     other = sorted(str(f) for f, w in saved.items() if w != d.world)
     mine = _partial_path(out, d.rank, d.world)
-    if other:
+    if legacy:
+        err = (f"{', '.join(legacy)}: partial evaluation in the pickle format of an older undiscard; it is not loaded "
+               "(unpickling a file can run code) and cannot be resumed: add --fresh to delete it and start over")
+    elif other:
         worlds = sorted({saved[Path(f)] for f in other})
         err = (f"{', '.join(other)}: partial evaluation saved by a run with {' / '.join(map(str, worlds))} process(es); "
                f"this run has {d.world}. Rerun with the same number of processes to resume it, or add --fresh "
                f"to delete it and start over")
     elif mine in saved:
         try:
-            prev = torch.load(mine, weights_only=False)
-        except Exception as exc:  # a torn file cannot come from the atomic writes, but a copied one could
-            prev, err = None, f"{mine}: unreadable partial evaluation ({exc}); add --fresh to delete it and start over"
+            prev = read_partial(mine)
+        except UndiscardError as exc:
+            prev, err = None, str(exc)
+        except Exception as exc:  # well-formed safetensors, but not the fields of a state
+            prev, err = None, f"{mine}: unreadable partial evaluation ({exc!r}); add --fresh to delete it and start over"
         if prev is not None:
             if prev.get("config") != config:
                 diff = _config_diff(prev.get("config") or {}, config)
                 err = (f"{mine}: partial evaluation saved with other arguments ({diff}); rerun with the same arguments "
                        f"to resume it, or add --fresh to delete it and start over")
             else:
-                if "index" not in prev:  # saved by a single-process run of an earlier version: images 0..done-1
-                    prev["index"] = list(range(prev["done"]))
-                    prev["batches"] = -(-prev["done"] // batch_size)
                 prev.setdefault("shard", [d.rank, d.world])
                 state = prev
     _agree(d, err)
@@ -409,17 +527,27 @@ def _run_eval(cfg: EvalConfig, out_path: Path | None, log, fresh: bool, d: _Dist
         log = (lambda log0: lambda m: log0(f"[rank {d.rank}/{d.world}] {m}"))(log)
         if d.rank == 0:
             log(f"{d.world} processes ({d.backend}): batch i of {cfg.batch_size} images on rank i mod {d.world}")
-    config = {k: v for k, v in cfg.__dict__.items()}
+    config = saved_config(cfg)
     # saved state first: a refusal should not wait for the model and the data
     if out_path is not None:
+        from undiscard.statefile import check_output_path
+
+        check_output_path(out_path, "--json")
+        if not fresh:
+            done = _completed_on_rank0(out_path, d, config)
+            if done is not None:
+                log(f"{out_path} is complete (saved by a run with the same arguments): its results, nothing "
+                    "recomputed; add --fresh to recompute them")
+                return done if d.rank == 0 else None
         state = _load_shard_state(out_path, d, config, cfg.batch_size, fresh, log)
     else:
         state = {"batches": 0, "done": 0, "index": [], "acc": {}}
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    loaded = load_model(cfg.model)
+    loaded = load_model(cfg.model, trust_pickle=cfg.trust_pickle)
     model = loaded.model
-    x, y, data_name = load_data(cfg.data, loaded.input_size, cfg.limit, cfg.start)
+    x, y, data_name = load_data(cfg.data, loaded.input_size, cfg.limit, cfg.start, skip_corrupt=cfg.skip_corrupt,
+                                log=log)
     n = x.shape[0]
     if n == 0:
         raise UndiscardError(f"no images to evaluate in {cfg.data} (start {cfg.start}, limit {cfg.limit})")
@@ -463,7 +591,7 @@ def _run_eval(cfg: EvalConfig, out_path: Path | None, log, fresh: bool, d: _Dist
     desc = f"eval {Path(loaded.spec).name}" + (f" (shard 0 of {d.world})" if d.world > 1 else "")
     bar = _progress(shard_n, desc) if d.rank == 0 else _Silent()
     bar.update(state["done"])
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.closing(bar):  # closed on an error too: its line ends
         for bi in batches[state["batches"]:]:
             s = bi * bs
             xb, yb = x[s : s + bs], y[s : s + bs]
@@ -496,7 +624,6 @@ def _run_eval(cfg: EvalConfig, out_path: Path | None, log, fresh: bool, d: _Dist
                 state["acc"] = {k: v.state() for k, v in accs.items()}
                 _save_atomic(state, _partial_path(out_path, d.rank, d.world))
             bar.update(len(yb))
-    bar.close()
 
     # ---- rank 0 merges every shard's per-image records, in image order
     shard = {"index": state["index"], "acc": {k: v.state() for k, v in accs.items()}}
@@ -563,6 +690,8 @@ def _run_eval(cfg: EvalConfig, out_path: Path | None, log, fresh: bool, d: _Dist
         "single_states": singles,
         "torch": torch.__version__,
     }
+    if getattr(x, "skipped", None):
+        result["skipped_corrupt"] = x.skipped
     if out_path is not None:
         _write_text_atomic(json.dumps(result, indent=1) + "\n", out_path)
         # every shard's state (a rank on another node without a shared disk keeps its own: it is

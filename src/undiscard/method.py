@@ -26,10 +26,12 @@ import torch
 import torch.nn as nn
 
 from undiscard.aggregate import entropy, entropy_weights
-from undiscard.align import align_to_default
+from undiscard.align import FILLS, align_to_default
 from undiscard.engine import use_states
-from undiscard.errors import InputError, SiteMismatchError, StateError, UndiscardError
-from undiscard.search import CRITERIA, greedy_search
+from undiscard.errors import InputError, OptionError, SiteMismatchError, SplitError, UndiscardError
+from undiscard.inputs import check_batch, check_dtype, check_eval_mode
+from undiscard.options import check_choice, check_positive_int
+from undiscard.search import CRITERIA, greedy_search, image_seeds
 from undiscard.sites import SiteMap, find_sites
 from undiscard.trie import SharedPrefixEvaluator
 
@@ -73,9 +75,66 @@ class FeatureSplit:
         return align_to_default(f, delta_px, stride_total, fill)
 
 
+def _first_tensor(out: Any) -> torch.Tensor | None:
+    """The logits in a model's output: the tensor itself, ``.logits``, ``["logits"]``/``["out"]`` or the first item."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(getattr(out, "logits", None), torch.Tensor):
+        return out.logits
+    if isinstance(out, dict):
+        for key in ("logits", "out"):
+            if isinstance(out.get(key), torch.Tensor):
+                return out[key]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
+def verify_split(model: nn.Module, split: FeatureSplit, x: torch.Tensor) -> None:
+    """:class:`SplitError` unless ``split.head(split.features(x)) == model(x)`` on ``x``.
+
+    Both sides run the same ops on the same batch, so they agree to rounding: the
+    tolerance is ``sqrt(eps)`` of the dtype times the largest logit (3.5e-4 relative in
+    float32), far below what another head or a wrong feature map changes (O(1) of the
+    logits' scale).
+    """
+    with torch.no_grad():
+        ref = _first_tensor(model(x))
+        got = split.head(split.features(x))
+    n = x.shape[0]
+    if ref is None:
+        raise SplitError(f"cannot verify the split: the model returned a {type(ref).__name__}, not logits")
+    if not isinstance(got, torch.Tensor) or got.dim() == 0 or got.shape != ref.shape:
+        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+        raise SplitError(
+            f"the split's head returned {shape} for a batch of {n}; model(x) returns {tuple(ref.shape)}. "
+            f"head_fn must map features_fn(x) to the model's logits (N, K)"
+        )
+    tol = torch.finfo(ref.dtype).eps ** 0.5 * max(1.0, float(ref.detach().abs().max()))
+    diff = float((got.detach() - ref.detach()).abs().max())
+    if not diff <= tol:
+        raise SplitError(
+            f"the split does not reproduce the model: head_fn(features_fn(x)) differs from model(x) by {diff:.3g} "
+            f"(allowed {tol:.3g}) on {n} image(s). Pass the model's own features and head: "
+            f"split=(features_fn, head_fn) with head_fn(features_fn(x)) == model(x)"
+        )
+
+
 def split_classifier(model: nn.Module, split: tuple[Callable, Callable] | None = None) -> FeatureSplit:
-    """The features / head split of ``model`` (see the module docstring)."""
+    """The features / head split of ``model`` (see the module docstring).
+
+    Raises:
+        SplitError: ``split`` is not a pair of callables.
+    """
     if split is not None:
+        if callable(split) or not isinstance(split, (tuple, list)) or len(split) != 2 \
+                or not all(callable(f) for f in split):
+            got = type(split).__name__ if callable(split) or not isinstance(split, (tuple, list)) else \
+                f"a {type(split).__name__} of {len(split)}: ({', '.join(type(f).__name__ for f in split)})"
+            raise SplitError(
+                f"split must be a pair (features_fn, head_fn) of callables with head_fn(features_fn(x)) == model(x); "
+                f"got {got}"
+            )
         features, head = split
         return FeatureSplit(features, head, "NCHW")
     if callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None)):
@@ -154,16 +213,14 @@ class Undiscard(nn.Module):
         engine: str = "trie",
     ) -> None:
         super().__init__()
-        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-            raise StateError(f"budget must be a positive integer (1 = the plain model); got {budget!r}")
-        if criterion not in CRITERIA:
-            raise StateError(f"criterion must be one of {CRITERIA}; got {criterion!r}")
-        if aggregate not in AGGREGATES:
-            raise StateError(f"aggregate must be one of {AGGREGATES}; got {aggregate!r}")
-        if max_batch < 1:
-            raise StateError(f"max_batch must be positive; got {max_batch}")
-        if engine not in ENGINES:
-            raise StateError(f"engine must be one of {ENGINES}; got {engine!r}")
+        check_positive_int("budget", budget, hint=" (1 = the plain model)")
+        check_choice("criterion", criterion, CRITERIA)
+        check_choice("aggregate", aggregate, AGGREGATES)
+        check_positive_int("max_batch", max_batch)
+        check_choice("engine", engine, ENGINES)
+        check_choice("fill", fill, FILLS)
+        if width is not None:
+            check_positive_int("width", width, hint=" or None (all neighbours of the chosen state)")
         if isinstance(aggregator, (str, bytes)) or hasattr(aggregator, "__fspath__"):
             from undiscard.aggregator import load_aggregator
 
@@ -192,11 +249,16 @@ class Undiscard(nn.Module):
             aggregator.check_align(self.align)
 
     def sites_for(self, x: torch.Tensor) -> SiteMap:
-        """The sites of the model at ``x``'s size (found once per input size)."""
-        if not isinstance(x, torch.Tensor) or x.dim() < 3:
-            raise InputError(f"expected a batched image tensor (N, C, H, W); got {getattr(x, 'shape', type(x))}")
+        """The sites of the model at ``x``'s size (found once per input size).
+
+        On first use at a size, the features / head split is verified on (up to two of)
+        the images: ``head(features(x)) == model(x)``, else :class:`SplitError`.
+        """
+        check_batch(x)
         key = tuple(x.shape[1:])
         if key not in self._sites:
+            if x.shape[0]:
+                verify_split(self.model, self.split, x[:2])
             sites = find_sites(self.model, x[:1], searchable=self.searchable)
             if self.aggregator is not None:
                 from undiscard.aggregator import sites_signature
@@ -211,9 +273,14 @@ class Undiscard(nn.Module):
         return self._sites[key]
 
     # -- search ------------------------------------------------------------
-    @torch.no_grad()
     def search(self, x: torch.Tensor, budget: int | None = None, criterion: str | None = None) -> Searched:
-        """Search ``budget`` states per image of ``x``; return their maps and predictions."""
+        """Search ``budget`` states per image of ``x``; return their maps and predictions.
+
+        The search's choices are discrete (its scores are computed without gradients);
+        the chosen states' maps and logits carry gradients when autograd is on, so
+        ``wrap(m, B)(x).sum().backward()`` reaches ``x`` and every parameter.
+        Each image's search depends on the image and ``seed`` alone (:func:`image_seeds`).
+        """
         budget = self.budget if budget is None else budget
         criterion = self.criterion if criterion is None else criterion
         sites = self.sites_for(x)
@@ -249,13 +316,16 @@ class Undiscard(nn.Module):
             return sp.head(self._from_positions(f, grid[0]))
 
         def score(f: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-            if criterion == "learned":
-                cells = sites.displacement(states).double() / torch.tensor(stride, dtype=torch.float64)
-                return self.aggregator.state_logits(f, cells.to(f.dtype))
-            return -entropy(head_of_positions(f))
+            with torch.no_grad():  # the search's choices are discrete
+                f = f.detach()
+                if criterion == "learned":
+                    cells = sites.displacement(states).double() / torch.tensor(stride, dtype=torch.float64)
+                    return self.aggregator.state_logits(f, cells.to(f.dtype))
+                return -entropy(head_of_positions(f).float())
 
         res = greedy_search(
-            features, x.shape[0], sites, budget, criterion, score=score, width=self.width, seed=self.seed
+            features, x.shape[0], sites, budget, criterion, score=score, width=self.width,
+            seeds=image_seeds(x, self.seed),
         )
         self.last_rows = shared.rows if shared is not None else rows
         n, b = res.states.shape[:2]
@@ -291,18 +361,23 @@ class Undiscard(nn.Module):
             elif aggregate == "entropy":
                 w = entropy_weights(logits).to(feats.dtype)
             else:
-                raise StateError(f"aggregate must be one of {AGGREGATES}; got {aggregate!r}")
+                check_choice("aggregate", aggregate, AGGREGATES)
             agg = (feats * w[..., None, None]).sum(1)
         return self.split.head(self._from_positions(agg, found.grid)), w
 
     def forward(self, x: torch.Tensor) -> Any:
-        if self.budget == 1:
+        check_eval_mode(self.model, what="wrap(model, ...)")
+        check_batch(x)
+        check_dtype(self.model, x)
+        if self.budget == 1 or x.shape[0] == 0:  # the plain model (an empty batch has nothing to search)
+            n = x.shape[0]
+            sites = self.sites_for(x) if n else None  # verifies the split on first use, as at any budget
             out = self._plain(x)
             if not self.return_details:
                 return out
-            sites = self.sites_for(x)
-            n = x.shape[0]
-            return out, Details(sites.zero_state(n)[:, None], torch.ones(n, 1), torch.zeros(n, 1, len(sites.stride_total), dtype=torch.long), sites)
+            sites = sites or self.sites_for(x.new_zeros((1, *x.shape[1:])))
+            return out, Details(sites.zero_state(n).reshape(n, 1, len(sites.searchable)), torch.ones(n, 1),
+                                torch.zeros(n, 1, len(sites.stride_total), dtype=torch.long), sites)
         found = self.search(x)
         logits, w = self.combine(found)
         if self.return_details:
@@ -347,7 +422,7 @@ def budgets_from(text: str | Sequence[int]) -> list[int]:
     try:
         out = sorted({int(v) for v in vals})
     except ValueError:
-        raise StateError(f"budgets must be positive integers like 1,2,4,8; got {text!r}") from None
+        raise OptionError(f"budgets must be positive integers like 1,2,4,8; got {text!r}") from None
     if not out or out[0] < 1:
-        raise StateError(f"budgets must be positive integers like 1,2,4,8; got {text!r}")
+        raise OptionError(f"budgets must be positive integers like 1,2,4,8; got {text!r}")
     return out

@@ -8,8 +8,11 @@ Accepted model specs:
 * a ``.safetensors`` file written by :func:`save_checkpoint` (it carries the
   ``undiscard.arch`` metadata that says which model to build);
 * a ``.pt`` / ``.pth`` file holding a whole ``nn.Module`` saved with
-  ``torch.save(model, path)``. Loading it unpickles arbitrary Python objects:
-  only load files you trust.
+  ``torch.save(model, path)``, only with ``trust_pickle=True`` (``--trust-pickle`` on
+  the command line): loading it unpickles arbitrary Python objects, which can run any
+  code the file holds. Without the opt-in such a file is refused
+  (:class:`~undiscard.errors.FileTrustError`); a tensor-only ``.pt`` (a state_dict) is
+  read with ``weights_only=True`` just to say what it holds.
 
 Zoo models come with random weights unless ``pretrained=True`` (which downloads
 them). Every loaded model is returned in eval mode.
@@ -26,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from undiscard.errors import UndiscardError, UnknownModelError
+from undiscard.errors import FileTrustError, UndiscardError, UnknownModelError
 
 __all__ = ["LoadedModel", "load_model", "save_checkpoint", "SPEC_FORMS"]
 
@@ -34,7 +37,7 @@ SPEC_FORMS = (
     "accepted model specs: 'timm:NAME' (e.g. timm:resnet50), 'torchvision:NAME' "
     "(e.g. torchvision:resnet18), or the path of an existing .safetensors checkpoint "
     "(written by undiscard, with 'undiscard.arch' metadata) or .pt/.pth file holding a "
-    "whole nn.Module saved with torch.save(model)"
+    "whole nn.Module saved with torch.save(model) (loaded only with --trust-pickle / trust_pickle=True)"
 )
 
 _META_ARCH = "undiscard.arch"
@@ -266,18 +269,41 @@ def _first_conv_channels(model: nn.Module) -> int | None:
     return None
 
 
-def _load_pickle(path: Path, spec: str) -> LoadedModel:
-    # weights_only=False unpickles arbitrary objects: only load files you trust.
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise UndiscardError(f"could not read {path} with torch.load: {type(exc).__name__}: {exc}") from exc
+def _pickle_refused(path: Path) -> FileTrustError:
+    return FileTrustError(
+        f"{path} is a pickle that needs Python code to load (e.g. a whole nn.Module saved with torch.save(model)); "
+        "unpickling it can run any code the file holds, so it is not loaded without an explicit opt-in. If you "
+        "trust the file, pass --trust-pickle (API: load_model(spec, trust_pickle=True)); otherwise load a safetensors "
+        f"checkpoint (undiscard.models.save_checkpoint(model, 'm.safetensors', arch='timm:NAME', ...) writes one, "
+        f"with '{_META_ARCH}' metadata naming the architecture) or a zoo spec (timm:NAME, torchvision:NAME)"
+    )
+
+
+def _load_pickle(path: Path, spec: str, trust_pickle: bool = False) -> LoadedModel:
+    import pickle
+
+    if trust_pickle:
+        # The explicit opt-in: this unpickles arbitrary objects (and runs what they say), the
+        # one unrestricted unpickling in undiscard.
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise UndiscardError(f"could not read {path} with torch.load: {type(exc).__name__}: {exc}") from exc
+    else:
+        # Tensors and plain containers only (torch's restricted unpickler): enough to tell a
+        # state_dict, and it refuses, without running it, anything that names code.
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise _pickle_refused(path) from exc
+        except Exception as exc:
+            raise UndiscardError(f"could not read {path} with torch.load: {type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, nn.Module):
         kind = "a state_dict" if isinstance(obj, dict) else f"a {type(obj).__name__}"
         raise UndiscardError(
-            f"{path} holds {kind}, not a whole model. Save the full module with torch.save(model, path), "
-            "or save the weights with undiscard.models.save_checkpoint(...) to a .safetensors file "
-            f"carrying '{_META_ARCH}' metadata (e.g. 'timm:resnet18')"
+            f"{path} holds {kind}, not a whole model. Save the weights with undiscard.models.save_checkpoint(...) to "
+            f"a .safetensors file carrying '{_META_ARCH}' metadata (e.g. 'timm:resnet18'), or save the full module "
+            "with torch.save(model, path) and load it with --trust-pickle"
         )
     cfg = getattr(obj, "pretrained_cfg", None) or {}
     if cfg.get("input_size"):
@@ -296,11 +322,15 @@ def load_model(
     pretrained: bool = False,
     num_classes: int | None = None,
     in_chans: int | None = None,
+    trust_pickle: bool = False,
 ) -> LoadedModel:
     """Build or load the model that ``spec`` names (see the module docstring).
 
     ``num_classes`` / ``in_chans`` change the zoo model's head / stem; for a
-    checkpoint they come from its metadata. Raises :class:`UnknownModelError`
+    checkpoint they come from its metadata. ``trust_pickle=True`` allows a
+    ``.pt`` / ``.pth`` whole-module pickle (loading it can run code from the file:
+    only for files you trust); without it such a file raises
+    :class:`~undiscard.errors.FileTrustError`. Raises :class:`UnknownModelError`
     for a name no zoo knows or a path that does not exist, and
     :class:`UndiscardError` when pretrained weights cannot be downloaded or a
     checkpoint cannot be used. The model is returned in eval mode.
@@ -317,7 +347,7 @@ def load_model(
         if suffix == ".safetensors":
             return _load_safetensors(path, spec, num_classes, in_chans)
         if suffix in (".pt", ".pth"):
-            return _load_pickle(path, spec)
+            return _load_pickle(path, spec, trust_pickle)
         raise UnknownModelError(f"{spec}: unsupported checkpoint extension {suffix!r}; {SPEC_FORMS}")
 
     looks_like_path = os.sep in spec or "/" in spec or Path(spec).suffix.lower() in (".safetensors", ".pt", ".pth")

@@ -16,6 +16,7 @@ next to per-image search on the same images.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from undiscard.errors import StateError
+from undiscard.errors import StateError, UndiscardError
 from undiscard.method import Undiscard
 from undiscard.sites import SiteMap
 from undiscard.trie import run_trie
@@ -192,16 +193,22 @@ def default_spaces(sites_main: Sequence[int], inner: Sequence[int]) -> dict[str,
 
 def run_study(spec: str, *, spaces: dict[str, list[int]] | None = None, val_images: int = 500, test_limit: int = 2000,
               max_budget: int = 10, cost_budgets: Sequence[int] = (2, 3, 4, 6, 8, 10), timing_images: int = 32,
-              repeats: int = 3, batch: int = 64, log=print, save=None, previous: dict | None = None) -> dict:
+              repeats: int = 3, batch: int = 64, log=print, save=None, previous: dict | None = None,
+              previous_name: str = "the saved study", trust_pickle: bool = False) -> dict:
     """Fit a policy per space on ``fashion-mnist:val``, evaluate on the test split next to
     per-image search (entropy criterion, the same mean aggregation); Pareto front.
     ``save(result)`` is called after every finished part; ``previous`` (a saved result with
-    the same settings) skips the parts it holds."""
-    from undiscard.evaluate import load_data
+    the same settings) skips the parts it holds; one with other settings is refused
+    (:class:`UndiscardError` naming ``previous_name`` and the differences): it is never
+    overwritten silently."""
+    from undiscard.evaluate import _config_diff, load_data
     from undiscard.models import load_model
     from undiscard.sites import find_sites
 
-    loaded = load_model(spec)
+    if previous is not None and not isinstance(previous.get("settings") if isinstance(previous, dict) else None, dict):
+        raise UndiscardError(f"{previous_name} is not a fit-policy result; add --fresh to replace it, or choose "
+                             "another --json")
+    loaded = load_model(spec, trust_pickle=trust_pickle)
     model = loaded.model
     xv, yv, _ = load_data("fashion-mnist:val", loaded.input_size, val_images)
     xt, yt, _ = load_data("fashion-mnist:test", loaded.input_size, test_limit)
@@ -211,7 +218,12 @@ def run_study(spec: str, *, spaces: dict[str, list[int]] | None = None, val_imag
     settings = {"model": spec, "val_images": int(yv.shape[0]), "test_images": int(yt.shape[0]), "max_budget": max_budget,
                 "cost_budgets": list(cost_budgets), "timing_images": timing_images, "repeats": repeats,
                 "spaces": spaces, "aggregate": "mean", "align": True}
-    result = previous if previous and previous.get("settings") == settings else {"settings": settings}
+    settings = json.loads(json.dumps(settings))  # as saved and compared
+    if previous is not None and previous["settings"] != settings:
+        raise UndiscardError(f"{previous_name} was made with other settings ({_config_diff(previous['settings'], settings)}); "
+                             "it is not overwritten: rerun with those settings to resume or reuse it, or add --fresh to "
+                             "start over (or choose another --json)")
+    result = previous if previous is not None else {"settings": settings}
     result.setdefault("policies", {})
     xtime = xt[:timing_images]
     plain_correct = None

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import torch
 
 from undiscard.errors import StateError
+from undiscard.options import check_choice
 from undiscard.sites import SiteMap
 
-__all__ = ["CRITERIA", "SearchResult", "greedy_search", "neighbours"]
+__all__ = ["CRITERIA", "SearchResult", "greedy_search", "image_seeds", "neighbours"]
 
 CRITERIA = ("entropy", "learned", "random", "displacement")
 
@@ -48,6 +49,45 @@ class SearchResult:
     states: torch.Tensor
     outputs: torch.Tensor
     scores: torch.Tensor
+
+
+_HASH_MOD = (1 << 31) - 1  # a Mersenne prime: products of two residues fit in int64
+
+
+def image_seeds(x: torch.Tensor, seed: int = 0) -> list[int]:
+    """One generator seed per image, a function of the image's values and ``seed`` alone.
+
+    The seed of image ``i`` does not depend on its batch-mates, its position in the
+    batch, the batch size, the device or the engine, so a search is a function of the
+    image (and ``seed``) alone. The values are read as float32 bit patterns and hashed
+    with integer arithmetic (exact on every device); equal images get equal seeds.
+
+    Shape:
+        ``x``: ``(N, ...)``; returns ``N`` integers in ``[0, 2**62)``.
+
+    Example:
+        >>> x = torch.randn(3, 1, 4, 4)
+        >>> image_seeds(x)[1] == image_seeds(x[1:2])[0] == image_seeds(x.flip(0))[1]
+        True
+        >>> image_seeds(x, seed=1) != image_seeds(x, seed=0)
+        True
+    """
+    n = x.shape[0]
+    if n == 0:
+        return []
+    v = x.detach().reshape(n, -1)
+    if v.is_complex():
+        v = torch.view_as_real(v).reshape(n, -1)
+    v = v.to(torch.float32).contiguous()
+    bits = (v.view(torch.int32).to(torch.int64) & 0xFFFFFFFF) % _HASH_MOD  # (N, D) residues
+    k = torch.arange(1, bits.shape[1] + 1, device=bits.device, dtype=torch.int64)
+    out = []
+    for mult in (2654435761, 2246822519):  # two independent position weights: 62 bits in all
+        w = (k * mult) % _HASH_MOD
+        out.append(((bits * w) % _HASH_MOD).sum(1) % _HASH_MOD)
+    h = (out[0] << 31) | out[1]
+    s = (int(seed) * 0x9E3779B97F4A7C15) & ((1 << 62) - 1)
+    return [(int(a) ^ s) for a in h.tolist()]
 
 
 def neighbours(state: tuple[int, ...], sites: SiteMap) -> list[tuple[int, ...]]:
@@ -69,6 +109,7 @@ def greedy_search(
     *,
     score: Callable[[torch.Tensor], torch.Tensor] | None = None,
     width: int | None = None,
+    seeds: list[int] | None = None,
     seed: int = 0,
 ) -> SearchResult:
     """Search ``budget`` states per image.
@@ -84,15 +125,19 @@ def greedy_search(
             required for ``entropy`` (e.g. minus the entropy of the logits) and ``learned``.
         width: at most this many neighbours evaluated per image per step (default: all
             unevaluated neighbours of the chosen state, up to the budget left).
-        seed: makes ``random`` priorities and neighbour order deterministic. Each image
-            draws from its own generator, so a search with a larger budget evaluates the
-            states of a smaller one first (in the same order): budgets are prefixes.
+        seeds: one generator seed per image (:func:`image_seeds` of the batch, so that an
+            image's search depends on the image alone). Each image draws its ``random``
+            priorities and neighbour order from its own generator, so a search with a
+            larger budget evaluates the states of a smaller one first (in the same order):
+            budgets are prefixes.
+        seed: used only without ``seeds``: image ``i`` then draws from
+            ``seed * 1_000_003 + i``, which ties the result to the image's position.
 
     Raises:
-        StateError: a budget outside ``1..space_size``, an unknown criterion, or a missing ``score``.
+        StateError: a budget outside ``1..space_size``, or a missing ``score``.
+        OptionError: an unknown criterion.
     """
-    if criterion not in CRITERIA:
-        raise StateError(f"criterion must be one of {CRITERIA}; got {criterion!r}")
+    check_choice("criterion", criterion, CRITERIA)
     if criterion in ("entropy", "learned") and score is None:
         raise StateError(f"criterion {criterion!r} needs a score function (outputs -> promise)")
     space = sites.space_size
@@ -103,7 +148,11 @@ def greedy_search(
         )
     # One generator per image: an image's draws do not depend on the other images or on
     # the budget, so the first b states of a budget-B search are the budget-b search.
-    gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(n_images)]
+    if seeds is None:
+        seeds = [seed * 1_000_003 + i for i in range(n_images)]
+    if len(seeds) != n_images:
+        raise StateError(f"seeds must hold one seed per image ({n_images}); got {len(seeds)}")
+    gens = [torch.Generator().manual_seed(int(s) % (1 << 63)) for s in seeds]
     L = len(sites.searchable)
     zero = (0,) * L
 
@@ -131,7 +180,7 @@ def greedy_search(
         st = torch.tensor(sts, dtype=torch.long).reshape(len(sts), L)
         o = evaluate(torch.tensor(img, dtype=torch.long), st)
         p = promise(img, st, o)
-        for r, (i, st) in enumerate(zip(img, sts)):
+        for r, i in enumerate(img):
             outs[i].append(o[r])
             prom[i].append(p[r])
 

@@ -15,10 +15,13 @@ the same process: on ``--timing-images`` images, the plain forward and the full 
 ``--repeats``, reported as ms/image and as a ratio to the plain forward.
 
 Resuming: with ``--json OUT`` the per-image counts (int32 ``(N, 3, K)`` per configuration)
-are saved atomically after every batch (``OUT.partial.pt``); rerunning the same command
+are saved atomically after every batch (``OUT.partial.safetensors``: tensors plus JSON
+metadata, nothing unpickled, :mod:`undiscard.statefile`); rerunning the same command
 resumes where it stopped. State saved with other arguments, or by an older version in
-another format, is refused (``--fresh`` deletes it and starts over); it is deleted once
-the JSON is written.
+another format (the ``OUT.partial.pt`` pickles are never loaded), is refused (``--fresh``
+deletes it and starts over); it is deleted once the JSON is written. A completed ``OUT``
+is not recomputed: with the same arguments its saved results are returned (and printed);
+other arguments are refused unless ``--fresh``, which deletes it first.
 
 Budgets: without ``--budget`` the command evaluates B = 1, 4, 10 (:data:`DEFAULT_BUDGETS`)
 and drops, with a note, those above the model's search space; an explicit ``--budget``
@@ -31,6 +34,7 @@ budget side by side, and mIoU vs budget.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -52,8 +56,10 @@ __all__ = ["DEFAULT_BUDGETS", "SegEvalConfig", "bootstrap_gain", "cmd_eval_segme
 FIGURE_IMAGES = 4
 #: Budgets evaluated when ``--budget`` is not given (those above the search space are dropped).
 DEFAULT_BUDGETS: tuple[int, ...] = (1, 4, 10)
-#: Format of ``OUT.partial.pt``: 1 = per-image (K, K) confusion matrices; 2 = per-image (3, K) TP / FP / FN.
-PARTIAL_VERSION = 2
+#: Format of the partial file: 1 = per-image (K, K) confusion matrices, 2 = per-image (3, K) TP / FP / FN
+#: (both pickles, ``OUT.partial.pt``: never loaded); 3 = version 2's fields in ``OUT.partial.safetensors``.
+PARTIAL_VERSION = 3
+PARTIAL_KIND = f"undiscard.seg-eval-partial/{PARTIAL_VERSION}"
 
 
 @dataclass
@@ -75,6 +81,7 @@ class SegEvalConfig:
     timing_images: int = 16
     repeats: int = 3
     threads: int = 0
+    skip_corrupt: bool = False  # a folder set's unreadable images are left out (with a warning) instead of an error
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -133,7 +140,7 @@ def load_model_and_data(cfg: SegEvalConfig, log=print):
     notes: list[str] = []
     loaded = load_segmenter(cfg.model) if _fixed_weights(cfg.model) else None
     data, name, k, ignore = open_segmentation(cfg.data, _data_size(cfg.model, cfg.data, loaded, cfg.size),
-                                              cfg.limit, cfg.start)
+                                              cfg.limit, cfg.start, skip_corrupt=cfg.skip_corrupt, log=log)
     if loaded is None:  # random weights, drawn from cfg.seed: a resumed run continues with the same model
         c = None if cfg.model.startswith("torchvision:") else int(data.channels)
         with torch.random.fork_rng(devices=[]):
@@ -164,32 +171,44 @@ def run_seg_eval(cfg: SegEvalConfig, out_json: str | os.PathLike | None = None, 
     ``default_budgets``: ``cfg.budgets`` are defaults, not asked for: those above the
     model's search space are dropped with a note (otherwise they are an error).
     """
-    from undiscard.evaluate import _config_diff, _progress, _save_atomic, _write_text_atomic
+    from undiscard.evaluate import _config_diff, _progress, _write_text_atomic, completed_result
     from undiscard.segment import dense_logits, wrap_segmentation
     from undiscard.segmodels import parameter_count
+    from undiscard.statefile import check_output_path, load_state, save_state
 
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise UndiscardError("segmentation evaluation runs in one process; launch it without torchrun (unset WORLD_SIZE)")
     out_path = Path(out_json) if out_json else None
-    config = dict(cfg.__dict__)
-    partial = out_path.with_suffix(".partial.pt") if out_path is not None else None
+    config = json.loads(json.dumps(dict(cfg.__dict__)))  # as saved (JSON values) and compared on a rerun
+    partial = out_path.with_suffix(".partial.safetensors") if out_path is not None else None
+    legacy = out_path.with_suffix(".partial.pt") if out_path is not None else None  # older versions' pickle
     state: dict[str, Any] = {"version": PARTIAL_VERSION, "config": config, "batches": 0, "done": 0, "stats": {}}
     # saved state first: a refusal should not wait for the model and the data
     if partial is not None:
-        if fresh and partial.exists():
-            partial.unlink()
-            log(f"--fresh: deleted {partial}")
+        check_output_path(out_path, "--json")
+        if fresh:
+            for f in (partial, legacy, out_path):
+                if f.exists():
+                    f.unlink()
+                    log(f"--fresh: deleted {f}")
+        done = completed_result(out_path, config, task="segmentation", command="undiscard eval --task segmentation")
+        if done is not None:
+            log(f"{out_path} is complete (saved by a run with the same arguments): its results, nothing recomputed; "
+                "add --fresh to recompute them")
+            if figure is not None:  # the figure is not saved: drawn again from the first images
+                loaded, data, *_ = load_model_and_data(cfg, log)
+                common = dict(searchable=cfg.searchable, max_batch=cfg.max_batch, engine=cfg.engine, seed=cfg.seed,
+                              width=cfg.width)
+                xs, ys = data.batch(0, FIGURE_IMAGES)
+                plot_segmentation(done, figure_samples(loaded.model, xs, ys, done, common), figure)
+            return done
+        if legacy.exists():
+            raise UndiscardError(f"{legacy}: partial evaluation in the pickle format of an older undiscard; it is not "
+                                 "loaded (unpickling a file can run code) and cannot be resumed: add --fresh to delete "
+                                 "it and start over")
         if partial.exists():
-            try:
-                prev = torch.load(partial, weights_only=False)
-            except Exception as exc:
-                raise UndiscardError(f"{partial}: unreadable partial evaluation ({exc}); add --fresh to start over") from exc
-            version = prev.get("version") if isinstance(prev, dict) else None
-            if version != PARTIAL_VERSION:
-                was = " (per-image confusion matrices, written by an older undiscard)" if version == 1 else ""
-                raise UndiscardError(f"{partial}: partial evaluation in format version {version}{was}; this version "
-                                     f"stores per-image TP / FP / FN (format {PARTIAL_VERSION}) and cannot resume it: "
-                                     "add --fresh to delete it and start over")
+            prev = load_state(partial, PARTIAL_KIND, what="partial segmentation evaluation",
+                              hint="add --fresh to delete it and start over")
             if prev.get("config") != config:
                 raise UndiscardError(f"{partial}: partial evaluation saved with other arguments "
                                      f"({_config_diff(prev.get('config') or {}, config)}); rerun with the same arguments "
@@ -242,7 +261,7 @@ def run_seg_eval(cfg: SegEvalConfig, out_json: str | os.PathLike | None = None, 
         log(f"resuming at image {state['done']}/{n}")
     bar = _progress(n, f"eval {Path(loaded.spec).name}")
     bar.update(state["done"])
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.closing(bar):  # closed on an error too: its line ends
         for s in range(state["batches"] * bs, n, bs):
             xb, yb = data.batch(s, s + bs)
             count("plain", dense_logits(model, xb).argmax(1), yb)
@@ -263,9 +282,8 @@ def run_seg_eval(cfg: SegEvalConfig, out_json: str | os.PathLike | None = None, 
             if partial is not None:
                 state["stats"] = {key: torch.cat(v) for key, v in stats.items()}
                 state["engines"] = sorted(engines)
-                _save_atomic(state, partial)
+                save_state(state, partial, PARTIAL_KIND)
             bar.update(len(yb))
-    bar.close()
     per_image = {key: torch.cat(v) for key, v in stats.items()}
 
     # ---- cost, side by side in this process
@@ -347,6 +365,8 @@ def run_seg_eval(cfg: SegEvalConfig, out_json: str | os.PathLike | None = None, 
         "skips_unaligned": ablation,
         "torch": torch.__version__,
     }
+    if getattr(data.data, "skipped", None):
+        result["skipped_corrupt"] = data.data.skipped
     if figure is not None:
         xs, ys = data.batch(0, FIGURE_IMAGES)
         samples = figure_samples(model, xs, ys, result, common)
@@ -589,12 +609,15 @@ def cmd_eval_segmentation(args) -> int:
         budgets=budgets_from(args.budget) if budget_given else list(DEFAULT_BUDGETS), criteria=criteria, aggregates=aggregates,
         searchable=_parse_searchable(args.searchable), limit=args.limit, start=args.start, batch_size=args.batch_size,
         max_batch=args.max_batch, engine=args.engine, width=args.width or None, seed=args.seed,
-        timing_images=args.timing_images, repeats=args.repeats, threads=args.threads,
+        timing_images=args.timing_images, repeats=args.repeats, threads=args.threads, skip_corrupt=args.skip_corrupt,
     )
+    from undiscard.cli import _mtime
+
+    before = _mtime(args.json)
     result = run_seg_eval(cfg, args.json, log=lambda m: print(m, file=sys.stderr), fresh=args.fresh, figure=args.plot,
                           default_budgets=not budget_given)
     print(format_seg_table(result))
-    if args.json:
+    if args.json and _mtime(args.json) != before:  # not when a completed file was reused
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         print(f"wrote {args.plot}", file=sys.stderr)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -455,18 +456,47 @@ class FolderSegmentation(Dataset):
             return self.size
         from PIL import Image
 
-        with Image.open(self._pairs[index][0]) as img:
-            return img.height, img.width
+        path = self._pairs[index][0]
+        try:
+            with Image.open(path) as img:
+                return img.height, img.width
+        except Exception as exc:
+            raise _unreadable(path, exc) from None
+
+    def _read(self, index: int):
+        """The pair's PIL image (RGB) and label map, decoded; :class:`InputError` naming a file that is not."""
+        from PIL import Image
+
+        img_path, lbl_path, _ = self._pairs[index]
+        try:
+            with Image.open(img_path) as f:
+                img = f.convert("RGB")
+        except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError ... for broken files
+            raise _unreadable(img_path, exc) from None
+        try:
+            with Image.open(lbl_path) as f:
+                f.load()
+                lbl = f.copy()
+        except Exception as exc:
+            raise _unreadable(lbl_path, exc, "label map") from None
+        return img, lbl
+
+    def unreadable(self, indices: Sequence[int]) -> list[tuple[int, str, str]]:
+        """``(index, path, reason)`` of each item of ``indices`` whose image or label map cannot be decoded."""
+        bad = []
+        for i in indices:
+            try:
+                self._read(i)
+            except InputError as exc:
+                bad.append((i, str(exc.path), exc.reason))
+        return bad
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         import numpy as np
         from PIL import Image
 
         img_path, lbl_path, lut = self._pairs[index]
-        with Image.open(img_path) as f:
-            img = f.convert("RGB")
-        with Image.open(lbl_path) as f:
-            lbl = f.copy()
+        img, lbl = self._read(index)
         if lbl.mode not in ("L", "P"):
             raise InputError(
                 f"{lbl_path}: label map has PIL mode {lbl.mode!r}; expected a single-channel 8-bit PNG "
@@ -485,6 +515,18 @@ class FolderSegmentation(Dataset):
         x = (x - self.mean) / self.std
         y = lut[torch.from_numpy(np.array(lbl, dtype=np.uint8)).long()]
         return x, y
+
+
+#: What to do about a file that cannot be decoded, named in the error.
+CORRUPT_HINT = "replace or remove it, or pass --skip-corrupt to leave such images out (with a warning naming them)"
+
+
+def _unreadable(path, exc: BaseException, what: str = "image") -> InputError:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    reason = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    err = InputError(f"{path}: not a readable {what} ({reason}); {CORRUPT_HINT}")
+    err.path, err.reason = path, reason
+    return err
 
 
 def _need_pil(what: str) -> None:
@@ -631,17 +673,21 @@ class LazySegmentation:
     by :func:`open_segmentation`). ``reads`` counts the items decoded so far.
     """
 
-    def __init__(self, dataset: FolderSegmentation, start: int, stop: int, image_size: tuple[int, int]) -> None:
+    def __init__(self, dataset: FolderSegmentation, start: int, stop: int, image_size: tuple[int, int],
+                 indices: Sequence[int] | None = None) -> None:
         self.dataset, self.start, self.stop = dataset, int(start), int(stop)
         self.channels, self.image_size = 3, (int(image_size[0]), int(image_size[1]))
         self.reads = 0
+        # the dataset items of the selection: start .. stop - 1, less those --skip-corrupt left out
+        self.indices = list(range(self.start, self.stop)) if indices is None else [int(i) for i in indices]
+        self.skipped: list[list[str]] = []  # [path, reason] of the items --skip-corrupt left out
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return len(self.indices)
 
     def batch(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Items ``lo .. hi - 1`` of the selection: ``x`` float ``(B, 3, H, W)``, ``y`` int64 ``(B, H, W)``."""
-        idx = range(self.start + max(0, lo), self.start + min(len(self), hi))
+        idx = self.indices[max(0, lo) : max(0, min(len(self), hi))]
         if not len(idx):
             h, w = self.image_size
             return torch.empty(0, 3, h, w), torch.empty(0, h, w, dtype=torch.int64)
@@ -659,6 +705,9 @@ def open_segmentation(
     size: int | Sequence[int] | None = None,
     limit: int | None = None,
     start: int = 0,
+    *,
+    skip_corrupt: bool = False,
+    log=None,
 ) -> tuple[InMemorySegmentation | LazySegmentation, str, int, int]:
     """A segmentation set for evaluation, one batch at a time, from a spec string.
 
@@ -667,6 +716,11 @@ def open_segmentation(
     the stacked ``(x, y)`` of items ``lo .. hi - 1``: the folder sets are a
     :class:`LazySegmentation` (images decoded per batch; only the headers are read here),
     fashion-mnist-seg an :class:`InMemorySegmentation` (the canvases are rendered at once).
+
+    A folder set's image or label map that cannot be decoded is an :class:`InputError`
+    naming the file; with ``skip_corrupt`` every selected pair is decoded here first and
+    the unreadable ones are left out, with a warning (``log``, default stderr) naming them
+    (``data.skipped``: ``[path, reason]``).
     """
     if not isinstance(spec, str):
         raise UndiscardError(f"segmentation spec must be a string; accepted forms: {_SPEC_FORMS}")
@@ -695,14 +749,27 @@ def open_segmentation(
         raise InputError(
             f"{ds.name} has {total} images; start={start}, limit={limit} is out of range. Lower start or limit."
         )
-    shapes = {ds.image_size(i) for i in range(start, stop)}
+    indices = list(range(start, stop))
+    skipped: list[list[str]] = []
+    if skip_corrupt:
+        bad = ds.unreadable(indices)
+        if bad:
+            drop = {i for i, _, _ in bad}
+            indices = [i for i in indices if i not in drop]
+            skipped = [[p, why] for _, p, why in bad]
+            warn = log or (lambda m: print(m, file=sys.stderr))
+            warn(f"warning: --skip-corrupt: skipped {len(bad)} unreadable image{'s' if len(bad) > 1 else ''} of "
+                 f"{ds.name} (evaluating {len(indices)}): " + "; ".join(f"{p} ({why})" for _, p, why in bad))
+    shapes = {ds.image_size(i) for i in indices}
     if len(shapes) > 1:
         raise InputError(
             f"{ds.name}: the selected images have {len(shapes)} different sizes "
             f"(e.g. {sorted(shapes)[:3]}) and cannot be stacked; {_SIZE_HINT}"
         )
     image_size = next(iter(shapes)) if shapes else (ds.size or (0, 0))
-    return LazySegmentation(ds, start, stop, image_size), ds.name, ds.num_classes, IGNORE_INDEX
+    data = LazySegmentation(ds, start, stop, image_size, indices)
+    data.skipped = skipped
+    return data, ds.name, ds.num_classes, IGNORE_INDEX
 
 
 def load_segmentation(

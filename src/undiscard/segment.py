@@ -66,8 +66,10 @@ from torch.utils._pytree import tree_map
 
 from undiscard.engine import use_states
 from undiscard.errors import InputError, StateError, UndiscardError
+from undiscard.inputs import check_dtype, check_eval_mode
+from undiscard.options import check_choice, check_positive_int
 from undiscard.oprefs import BINDERS
-from undiscard.search import greedy_search
+from undiscard.search import greedy_search, image_seeds
 from undiscard.sites import SiteMap, find_sites
 from undiscard.trie import SharedPrefixEvaluator, _tensors
 
@@ -184,7 +186,7 @@ def align_dense(y: torch.Tensor, delta_px: torch.Tensor, fill: str = "mask") -> 
         ``(shifted (M, K, H, W), valid (M, 1, H, W) bool or None when every pixel is valid)``.
     """
     if fill not in SEG_FILLS:
-        raise StateError(f"fill must be one of {SEG_FILLS}; got {fill!r}")
+        check_choice("fill", fill, SEG_FILLS)
     if delta_px.shape != (y.shape[0], 2):
         raise InputError(f"delta_px must be (M, 2) for maps {tuple(y.shape)}; got {tuple(delta_px.shape)}")
     if not bool(delta_px.any()):
@@ -353,7 +355,7 @@ def aggregate_dense(logp: torch.Tensor, valid: torch.Tensor, aggregate: str = "m
     Every pixel needs at least one valid state (the default state always is).
     """
     if aggregate not in SEG_AGGREGATES:
-        raise StateError(f"aggregate must be one of {SEG_AGGREGATES}; got {aggregate!r}")
+        check_choice("aggregate", aggregate, SEG_AGGREGATES)
     k = logp.shape[2]
     # log-probabilities may be -inf (probability 0); NaN or +inf come from non-finite logits
     ok = valid & ~(torch.isnan(logp) | (logp == float("inf"))).any(2, keepdim=True)
@@ -713,18 +715,14 @@ class SegmentationUndiscard(nn.Module):
         return_details: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-            raise StateError(f"budget must be a positive integer (1 = the plain model); got {budget!r}")
-        if criterion not in SEG_CRITERIA:
-            raise StateError(f"criterion must be one of {SEG_CRITERIA} for segmentation; got {criterion!r}")
-        if aggregate not in SEG_AGGREGATES:
-            raise StateError(f"aggregate must be one of {SEG_AGGREGATES} for segmentation; got {aggregate!r}")
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise StateError(f"max_batch must be a positive integer; got {max_batch!r}")
-        if engine not in ENGINES:
-            raise StateError(f"engine must be one of {ENGINES}; got {engine!r}")
-        if fill not in SEG_FILLS:
-            raise StateError(f"fill must be one of {SEG_FILLS}; got {fill!r}")
+        check_positive_int("budget", budget, hint=" (1 = the plain model)")
+        check_choice("criterion", criterion, SEG_CRITERIA, what=" for segmentation")
+        check_choice("aggregate", aggregate, SEG_AGGREGATES, what=" for segmentation")
+        check_positive_int("max_batch", max_batch)
+        check_choice("engine", engine, ENGINES)
+        check_choice("fill", fill, SEG_FILLS)
+        if width is not None:
+            check_positive_int("width", width, hint=" or None (all neighbours of the chosen state)")
         if output is not None and not callable(output):
             raise UndiscardError(f"output must be a callable (model output -> logits) or None; got {type(output).__name__}")
         self.model = model
@@ -840,8 +838,7 @@ class SegmentationUndiscard(nn.Module):
         """
         budget = self.budget if budget is None else budget
         criterion = self.criterion if criterion is None else criterion
-        if criterion not in SEG_CRITERIA:
-            raise StateError(f"criterion must be one of {SEG_CRITERIA} for segmentation; got {criterion!r}")
+        check_choice("criterion", criterion, SEG_CRITERIA, what=" for segmentation")
         sites = self.sites_for(x)
         size = tuple(x.shape[-2:])
         evaluate = self._evaluator(x, sites)
@@ -856,7 +853,8 @@ class SegmentationUndiscard(nn.Module):
         def score(ids: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
             return -_mean_over_valid(store.derive(store.step_of(ids)), delta_of(states), self.fill)
 
-        res = greedy_search(run, x.shape[0], sites, budget, criterion, score=score, width=self.width, seed=self.seed)
+        res = greedy_search(run, x.shape[0], sites, budget, criterion, score=score, width=self.width,
+                            seeds=image_seeds(x, self.seed))
         evaluate.finish()  # type: ignore[attr-defined]
         n, b = res.states.shape[:2]
         self.last_out_level = evaluate.out_level()  # type: ignore[attr-defined]
@@ -888,8 +886,7 @@ class SegmentationUndiscard(nn.Module):
         a time (bounds the memory of the intermediates).
         """
         aggregate = self.aggregate if aggregate is None else aggregate
-        if aggregate not in SEG_AGGREGATES:
-            raise StateError(f"aggregate must be one of {SEG_AGGREGATES}; got {aggregate!r}")
+        check_choice("aggregate", aggregate, SEG_AGGREGATES, what=" for segmentation")
         b = found.states.shape[1] if budget is None else budget
         if not 1 <= b <= found.states.shape[1]:
             raise StateError(f"budget {b} is outside 1..{found.states.shape[1]} (the states this search found)")
@@ -919,15 +916,18 @@ class SegmentationUndiscard(nn.Module):
         return torch.cat(outs)
 
     def forward(self, x: torch.Tensor) -> Any:
+        check_eval_mode(self.model, what="wrap_segmentation(model, ...)")
         _check_input(x)
-        if self.budget == 1:
+        check_dtype(self.model, x)
+        if self.budget == 1 or x.shape[0] == 0:
             with torch.no_grad():
                 out = upsample_logits(self.forward_logits(x), x.shape[-2:])
             if not self.return_details:
                 return out
-            sites = self.sites_for(x)
             n = x.shape[0]
-            return out, SegDetails(sites.zero_state(n)[:, None], torch.zeros(n, 1, 2, dtype=torch.long),
+            sites = self.sites_for(x if n else x.new_zeros((1, *x.shape[1:])))
+            return out, SegDetails(sites.zero_state(n).reshape(n, 1, len(sites.searchable)),
+                                   torch.zeros(n, 1, 2, dtype=torch.long),
                                    torch.full((n, 1), float("nan")), sites, "plain")
         found = self.search(x)
         out = self.combine(found)

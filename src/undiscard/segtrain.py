@@ -16,9 +16,12 @@ checkpoint's metadata and in a JSON sidecar beside it:
   ``OUT.json`` with the recipe, steps, wall time and the mIoU / pixel accuracy on the
   first ``val_images`` canvases of fashion-mnist-seg:val.
 
-Interrupt it at any time: a resume file (``OUT.resume.pt``: model, optimiser, RNG
-state, step, elapsed time; written every ``save_every`` steps and on Ctrl-C) lets the
-same command carry on where it stopped; another recipe refuses to resume it.
+Interrupt it at any time: a resume file (``OUT.resume.safetensors``: model, optimiser, RNG
+state, step, elapsed time, as tensors plus JSON metadata, nothing unpickled; written every
+``save_every`` steps and on Ctrl-C) lets the same command carry on where it stopped;
+another recipe refuses to resume it. A completed ``OUT`` of the same recipe is not
+retrained; one of another recipe is refused (``--fresh`` deletes it first). The
+``OUT.resume.pt`` pickles of older versions are refused, never loaded.
 """
 
 from __future__ import annotations
@@ -89,19 +92,28 @@ def evaluate_segmenter(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_c
 
 
 def train_segmenter(recipe: SegRecipe, out: str | os.PathLike, *, root: str | None = None, half: bool = True,
-                    save_every: int = 100, log=print) -> dict:
-    """Train ``recipe.arch`` on fashion-mnist-seg and write ``out`` (.safetensors) + ``out.json``."""
+                    save_every: int = 100, fresh: bool = False, log=print) -> dict:
+    """Train ``recipe.arch`` on fashion-mnist-seg and write ``out`` (.safetensors) + ``out.json``.
+
+    An ``out`` already trained with ``recipe`` is not trained again (its summary is
+    returned); one trained with another recipe is refused unless ``fresh``.
+    """
     from undiscard.segdata import IGNORE_INDEX, SEG_NUM_CLASSES, CanvasSegmentation, fashion_mnist_canvas
     from undiscard.segment import dense_forward, upsample_logits
     from undiscard.segmodels import build_segmenter, parameter_count, save_segmenter
+    from undiscard.statefile import save_state
+    from undiscard.zoo import RESUME_KIND, load_resume, prepare_output
 
     out = Path(out)
     if out.suffix != ".safetensors":
         raise UndiscardError(f"the output must be a .safetensors path, got {str(out)!r}")
     if recipe.steps < 1 or recipe.batch_size < 1 or recipe.lr <= 0:
         raise UndiscardError(f"steps, batch size and lr must be positive: {recipe}")
+    resume_path = out.with_name(out.name + ".resume.safetensors")
+    done = prepare_output(out, resume_path, asdict(recipe), fresh, log)
+    if done is not None:
+        return done
     out.parent.mkdir(parents=True, exist_ok=True)
-    resume_path = out.with_name(out.name + ".resume.pt")
     torch.manual_seed(recipe.seed)
     model = build_segmenter(recipe.arch, SEG_NUM_CLASSES, 1)
     forward = dense_forward(model)
@@ -115,10 +127,7 @@ def train_segmenter(recipe: SegRecipe, out: str | os.PathLike, *, root: str | No
                              {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr)
     step, losses, elapsed = 0, [], 0.0
     if resume_path.exists():
-        ck = torch.load(resume_path, weights_only=False)
-        if ck["recipe"] != asdict(recipe):
-            raise UndiscardError(f"{resume_path} was written by another recipe ({ck['recipe']}); delete it or rerun "
-                                 "with that recipe")
+        ck = load_resume(resume_path, asdict(recipe))
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         step, losses, elapsed = ck["step"], ck["losses"], ck["elapsed"]
@@ -127,10 +136,9 @@ def train_segmenter(recipe: SegRecipe, out: str | os.PathLike, *, root: str | No
     t0 = time.perf_counter() - elapsed
 
     def save_resume() -> None:
-        tmp = resume_path.with_suffix(".tmp")
-        torch.save({"recipe": asdict(recipe), "model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "losses": losses, "rng": torch.get_rng_state(), "elapsed": time.perf_counter() - t0}, tmp)
-        os.replace(tmp, resume_path)
+        save_state({"recipe": asdict(recipe), "model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "losses": losses, "rng": torch.get_rng_state(), "elapsed": time.perf_counter() - t0},
+                   resume_path, RESUME_KIND)
 
     try:
         model.train()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 import math
+import operator
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -141,6 +142,22 @@ class Site:
         }
 
 
+def _offset_int(v: Any, site: Site) -> int:
+    """An offset (index or tuple entry) as an ``int``; floats, bools and strings are refused."""
+    if isinstance(v, bool) or isinstance(v, float) or (isinstance(v, torch.Tensor) and not (
+            v.dim() == 0 and not v.is_floating_point() and v.dtype != torch.bool)):
+        raise StateError(
+            f"offsets are integers, but site {site.index} ({site.name}) got {v!r} ({type(v).__name__}): pass flat "
+            f"offset indices 0..{site.num_offsets - 1} or integer tuples with 0 <= s[a] < {site.stride}"
+        )
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise StateError(
+            f"offsets are integers, but site {site.index} ({site.name}) got {v!r} ({type(v).__name__})"
+        ) from None
+
+
 @dataclass(frozen=True)
 class SiteMap:
     """The sites of a model, which of them are searched, and how to address them at run time.
@@ -243,10 +260,10 @@ class SiteMap:
         return t
 
     def _is_one_state(self, seq: list) -> bool:
-        if all(isinstance(v, int) for v in seq):
+        if all(not isinstance(v, (tuple, list)) for v in seq):  # scalars (ints; anything else is refused)
             return True
         return len(seq) == len(self.searchable) and all(
-            isinstance(v, tuple) and all(isinstance(a, int) for a in v) for v in seq
+            isinstance(v, tuple) and all(not isinstance(a, (tuple, list)) for a in v) for v in seq
         )
 
     def _flat(self, st: list) -> list[int]:
@@ -258,14 +275,15 @@ class SiteMap:
         out = []
         for v, site in zip(st, self.searchable_sites):
             if isinstance(v, (tuple, list)):
-                if len(v) != len(site.stride) or any(not 0 <= int(a) < r for a, r in zip(v, site.stride)):
+                v = tuple(_offset_int(a, site) for a in v)
+                if len(v) != len(site.stride) or any(not 0 <= a < r for a, r in zip(v, site.stride)):
                     raise StateError(
                         f"offset {tuple(v)} at site {site.index} ({site.name}) is out of range: stride "
                         f"{site.stride}, so each s[a] must satisfy 0 <= s[a] < stride[a]"
                     )
                 out.append(site.index_of(v))
             else:
-                out.append(int(v))
+                out.append(_offset_int(v, site))
         return out
 
     def offsets(self, states: torch.Tensor) -> list[list[tuple[int, ...]]]:

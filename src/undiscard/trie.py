@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from undiscard.engine import use_states
-from undiscard.errors import SiteMismatchError, StateError
+from undiscard.errors import OptionError, SiteMismatchError, StateError
 from undiscard.oprefs import BINDERS
 from undiscard.ops import shift_at_offset
 from undiscard.sites import SiteMap
@@ -205,7 +205,8 @@ class _Pass:
         if getattr(x, _TAG, None) != j - 1:
             raise _CrossSite((getattr(x, _TAG, None), j - 1))
         if self.cache is not None and x.shape[0]:
-            rows = x.detach().clone(memory_format=torch.preserve_format).unbind(0)
+            # no detach: under autograd the cached rows keep their graph, so gradients reach the prefix
+            rows = x.clone(memory_format=torch.preserve_format).unbind(0)
             for key, row in zip(self._keys(j), rows):
                 if c == 0:
                     self.cache[j][key] = [row]
@@ -379,7 +380,7 @@ class SharedPrefixEvaluator:
     def __init__(self, model: nn.Module, x: torch.Tensor, sites: SiteMap, *, forward: Callable | None = None,
                  max_batch: int | None = None, cache: bool = True) -> None:
         if max_batch is not None and max_batch < 1:
-            raise StateError(f"max_batch must be positive; got {max_batch}")
+            raise OptionError(f"max_batch must be a positive integer; got {max_batch!r}")
         self.model, self.x, self.sites, self.forward = model, x, sites, forward
         self.max_batch = max_batch
         self.L = len(sites.searchable)

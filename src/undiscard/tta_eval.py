@@ -67,6 +67,8 @@ class TTAConfig:
     cache_dir: str = "runs/cache"
     load_aggregator: str | None = None  # a fitted image aggregator applied instead of fitting (learned rows)
     save_aggregators: str | None = None  # a folder: every fitted learned aggregator saved there
+    skip_corrupt: bool = False  # a folder's unreadable images are left out (with a warning) instead of an error
+    trust_pickle: bool = False  # allow a whole-module .pt model (unpickling runs code); not part of the settings
 
 
 @dataclass(frozen=True)
@@ -177,10 +179,11 @@ def run_tta(cfg: TTAConfig, rows: list[Row], *, log=_log, save=None, fresh: bool
                              "(raise --tta-pool or lower --image-budget)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    loaded = load_model(cfg.model)
+    loaded = load_model(cfg.model, trust_pickle=cfg.trust_pickle)
     model = loaded.model
-    xv, yv, val_name = load_data(cfg.val_data, loaded.input_size, cfg.val_images)
-    xt, yt, test_name = load_data(cfg.data, loaded.input_size, cfg.limit, cfg.start)
+    xv, yv, val_name = load_data(cfg.val_data, loaded.input_size, cfg.val_images, skip_corrupt=cfg.skip_corrupt, log=log)
+    xt, yt, test_name = load_data(cfg.data, loaded.input_size, cfg.limit, cfg.start, skip_corrupt=cfg.skip_corrupt,
+                                  log=log)
     if len(yv) == 0 or len(yt) == 0:
         raise UndiscardError(f"no images: {len(yv)} validation ({cfg.val_data}), {len(yt)} test ({cfg.data})")
     from undiscard.aggregator import backbone_fingerprint
@@ -199,7 +202,7 @@ def run_tta(cfg: TTAConfig, rows: list[Row], *, log=_log, save=None, fresh: bool
     if feats[-1] > space:
         raise UndiscardError(f"B_feat {feats[-1]} exceeds the search space of {space} states; lower it")
     settings = {k: v for k, v in asdict(cfg).items()
-                if k not in ("threads", "cache_dir", "load_aggregator", "save_aggregators")}
+                if k not in ("threads", "cache_dir", "load_aggregator", "save_aggregators", "trust_pickle")}
     settings.update(val_images=int(len(yv)), test_images=int(len(yt)), pool_names=names)
 
     # ---- 1. validation logits of every view a fit may need (cached)

@@ -15,9 +15,12 @@ trains every zoo model) is seeded and written into the checkpoint's metadata:
   so :func:`undiscard.models.load_model` rebuilds it, plus the recipe and the
   validation accuracy.
 
-Interrupt it at any time: a resume file (``OUT.resume.pt``, model + optimiser + RNG
-state, written every ``--save-every`` steps and on Ctrl-C) lets the same command
-carry on where it stopped.
+Interrupt it at any time: a resume file (``OUT.resume.safetensors``, model + optimiser +
+RNG state as tensors, the rest as JSON metadata, nothing that is unpickled; written every
+``--save-every`` steps and on Ctrl-C) lets the same command carry on where it stopped.
+A completed ``OUT`` of the same recipe is not retrained; one of another recipe is refused
+(``fresh=True`` / ``--fresh`` deletes it, its summary and any resume file first). The
+``OUT.resume.pt`` pickles of older versions are refused, never loaded.
 """
 
 from __future__ import annotations
@@ -32,9 +35,59 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from undiscard.errors import UndiscardError
+from undiscard.errors import FileTrustError, UndiscardError
+from undiscard.statefile import load_state, save_state
 
 __all__ = ["Recipe", "train_backbone"]
+
+#: What ``OUT.resume.safetensors`` holds (:func:`undiscard.statefile.save_state`).
+RESUME_KIND = "undiscard.train-resume/2"
+
+
+def load_resume(path: Path, recipe: dict) -> dict:
+    """The training state saved at ``path``; refused if written by another recipe."""
+    ck = load_state(path, RESUME_KIND, what="training resume file", hint="delete it (or add --fresh) to start over")
+    if ck.get("recipe") != recipe:
+        raise UndiscardError(f"{path} was written by another recipe ({ck.get('recipe')}); delete it (or add --fresh) "
+                             "or rerun with that recipe")
+    return ck
+
+
+def prepare_output(out: Path, resume_path: Path, recipe: dict, fresh: bool, log) -> dict | None:
+    """Before training into ``out``: ``fresh`` deletes what an earlier run left; an older version's
+    pickled resume file is refused; a completed ``out`` of the same recipe gives its summary (nothing
+    to train: returned), one of another recipe is refused."""
+    legacy = out.with_name(out.name + ".resume.pt")
+    summary = out.with_suffix(".json")
+    if fresh:
+        for f in (resume_path, legacy, out, summary):
+            if f.exists():
+                f.unlink()
+                log(f"--fresh: deleted {f}")
+    if legacy.exists():
+        raise FileTrustError(f"{legacy}: training resume file in the pickle format of an older undiscard; it is not "
+                             "loaded (unpickling a file can run code) and cannot be resumed: add --fresh to delete it "
+                             "and start over")
+    if resume_path.exists() or not out.exists():
+        return None
+    redo = "add --fresh to train it again (this replaces it), or choose another --out"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(out), "pt") as fh:
+            meta = dict(fh.metadata() or {})
+        saved = json.loads(meta["undiscard.recipe"])
+    except Exception:
+        raise UndiscardError(f"{out} exists and is not a checkpoint written by this trainer; {redo}") from None
+    if saved != recipe:
+        diff = "; ".join(f"{k}: saved {saved.get(k)!r}, now {recipe.get(k)!r}"
+                         for k in dict.fromkeys([*saved, *recipe]) if saved.get(k) != recipe.get(k))
+        raise UndiscardError(f"{out} was trained with another recipe ({diff}); {redo}")
+    log(f"{out} is complete (trained with the same recipe): nothing to train; add --fresh to train it again")
+    try:
+        return json.loads(summary.read_text())
+    except (OSError, ValueError):
+        return {"recipe": recipe, "out": str(out)}
 
 
 @dataclass
@@ -75,9 +128,14 @@ def train_backbone(
     root: str | None = None,
     half: bool = True,
     save_every: int = 50,
+    fresh: bool = False,
     log=print,
 ) -> dict:
-    """Train ``recipe.arch`` on Fashion-MNIST and write ``out`` (.safetensors). Returns the summary."""
+    """Train ``recipe.arch`` on Fashion-MNIST and write ``out`` (.safetensors). Returns the summary.
+
+    An ``out`` already trained with ``recipe`` is not trained again (its summary is
+    returned); one trained with another recipe is refused unless ``fresh``.
+    """
     from undiscard.data import TensorImageDataset, fashion_mnist_tensors, load_fashion_mnist
     from undiscard.models import load_model, save_checkpoint
 
@@ -86,8 +144,11 @@ def train_backbone(
         raise UndiscardError(f"the output must be a .safetensors path, got {str(out)!r}")
     if recipe.epochs <= 0 or recipe.batch_size < 1 or recipe.lr <= 0:
         raise UndiscardError(f"epochs, batch size and lr must be positive: {recipe}")
+    resume_path = out.with_name(out.name + ".resume.safetensors")
+    done = prepare_output(out, resume_path, asdict(recipe), fresh, log)
+    if done is not None:
+        return done
     out.parent.mkdir(parents=True, exist_ok=True)
-    resume_path = out.with_name(out.name + ".resume.pt")
     torch.manual_seed(recipe.seed)
     loaded = load_model(recipe.arch, num_classes=10, in_chans=recipe.in_chans)
     model = loaded.model
@@ -105,11 +166,7 @@ def train_backbone(
     )
     step, losses = 0, []
     if resume_path.exists():
-        ck = torch.load(resume_path, weights_only=False)
-        if ck["recipe"] != asdict(recipe):
-            raise UndiscardError(
-                f"{resume_path} was written by another recipe ({ck['recipe']}); delete it or rerun with that recipe"
-            )
+        ck = load_resume(resume_path, asdict(recipe))
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         step, losses = ck["step"], ck["losses"]
@@ -117,13 +174,8 @@ def train_backbone(
         log(f"resuming {out} at step {step}/{total}")
 
     def save_resume() -> None:
-        tmp = resume_path.with_suffix(".tmp")
-        torch.save(
-            {"recipe": asdict(recipe), "model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-             "losses": losses, "rng": torch.get_rng_state()},
-            tmp,
-        )
-        os.replace(tmp, resume_path)
+        save_state({"recipe": asdict(recipe), "model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "losses": losses, "rng": torch.get_rng_state()}, resume_path, RESUME_KIND)
 
     crit = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     t0 = time.perf_counter()

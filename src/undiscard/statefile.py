@@ -1,0 +1,201 @@
+"""Files undiscard writes for itself, in formats that cannot carry code.
+
+Resume state, caches and training checkpoints (an evaluation's ``OUT.partial.safetensors``,
+the aggregator's feature cache, the trainers' ``OUT.resume.safetensors``) are nested
+dicts / lists of JSON values and tensors. :func:`save_state` writes one as a safetensors
+file: the tensors as its tensors, the rest as JSON in its metadata (tensors replaced by
+references). :func:`load_state` reads it back exactly (tuples, non-string dict keys,
+``inf`` / ``nan`` floats and shared tensors included). Nothing is unpickled: a file that
+is a pickle (what ``torch.save`` writes, or an older undiscard's ``.pt`` state) is
+refused with a message naming it, never loaded.
+
+:func:`check_output_path` tells, before any computation, whether a path can be written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from undiscard.errors import FileTrustError, UndiscardError
+
+__all__ = ["check_output_path", "load_state", "looks_like_pickle", "save_state"]
+
+_META_FORMAT = "undiscard.format"
+_META_STATE = "undiscard.state"
+
+
+# ---------------------------------------------------------------- encoding
+
+
+class _Tensors:
+    """The tensors of a state being written: each stored once, none sharing memory with another."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._names: dict[tuple, str] = {}
+        self._storages: set[int] = set()
+
+    def add(self, t: torch.Tensor) -> str:
+        t = t.detach().cpu()
+        if not t.numel():
+            name = f"t{len(self.tensors)}"
+            self.tensors[name] = t.contiguous()
+            return name
+        ptr = t.untyped_storage().data_ptr()
+        key = (ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key in self._names:  # the same tensor twice (tied weights): stored once
+            return self._names[key]
+        # safetensors refuses tensors that share memory, and a view stores its storage's bytes
+        if ptr in self._storages or not t.is_contiguous() or t.storage_offset() or \
+                t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.contiguous().clone()
+        name = f"t{len(self.tensors)}"
+        self.tensors[name] = t
+        self._names[key] = name
+        self._storages.add(t.untyped_storage().data_ptr())
+        return name
+
+
+def _encode(obj: Any, store: _Tensors) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return {"__tensor__": store.add(obj)}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, store) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, store) for v in obj]
+    if isinstance(obj, dict):
+        plain = all(isinstance(k, str) for k in obj) and not any(k.startswith("__") and k.endswith("__") for k in obj)
+        if plain:
+            return {k: _encode(v, store) for k, v in obj.items()}
+        for k in obj:
+            if not (k is None or isinstance(k, (bool, int, float, str))):
+                raise TypeError(f"cannot store a dict key of type {type(k).__name__}")
+        return {"__items__": [[k, _encode(v, store)] for k, v in obj.items()]}
+    raise TypeError(f"cannot store a {type(obj).__name__} in a state file (tensors and JSON values only)")
+
+
+def _decode(obj: Any, get) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, get) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return get(obj["__tensor__"])
+        if "__tuple__" in obj:
+            return tuple(_decode(v, get) for v in obj["__tuple__"])
+        if "__items__" in obj:
+            return {k: _decode(v, get) for k, v in obj["__items__"]}
+        return {k: _decode(v, get) for k, v in obj.items()}
+    return obj
+
+
+# ---------------------------------------------------------------- files
+
+
+def looks_like_pickle(path: str | os.PathLike) -> bool:
+    """True when ``path`` starts like a pickle or a ``torch.save`` zip archive (never loaded here)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head[:1] == b"\x80" or head == b"PK\x03\x04"
+
+
+def save_state(obj: dict, path: str | os.PathLike, kind: str) -> Path:
+    """Write ``obj`` (tensors and JSON values) to ``path`` atomically (a ``.tmp`` file, then ``os.replace``).
+
+    ``kind`` names what the file holds (e.g. ``"undiscard.eval-partial/3"``);
+    :func:`load_state` refuses a file of another kind.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    store = _Tensors()
+    state = _encode(obj, store)
+    tensors = store.tensors
+    meta = {_META_FORMAT: kind, _META_STATE: json.dumps(state, allow_nan=True)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def load_state(path: str | os.PathLike, kind: str, *, what: str = "saved state", hint: str = "") -> dict:
+    """The state :func:`save_state` wrote to ``path`` as ``kind``.
+
+    Raises :class:`FileTrustError` for a pickle (it is not loaded) and
+    :class:`UndiscardError` for any other file that is not such a state, each naming
+    ``path``, ``what`` it should be and ending with ``hint`` (what to do instead).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    tail = f"; {hint}" if hint else ""
+    if looks_like_pickle(path):
+        raise FileTrustError(
+            f"{path}: {what} in a pickle format (torch.save, as older versions of undiscard wrote), which is never "
+            f"loaded: unpickling can run code{tail}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            if meta.get(_META_FORMAT) != kind:
+                found = meta.get(_META_FORMAT)
+                raise UndiscardError(f"{path}: not {what} of this version of undiscard (format "
+                                     f"{found!r}, expected {kind!r}){tail}")
+            state = json.loads(meta[_META_STATE])
+            names = set(f.keys())
+
+            def get(name: str) -> torch.Tensor:
+                if name not in names:
+                    raise UndiscardError(f"{path}: {what} refers to a tensor {name!r} it does not hold{tail}")
+                return f.get_tensor(name)
+
+            return _decode(state, get)
+    except UndiscardError:
+        raise
+    except Exception as exc:  # a torn or foreign file: atomic writes do not leave one, but a copy can
+        raise UndiscardError(f"{path}: unreadable {what} ({type(exc).__name__}: {exc}){tail}") from exc
+
+
+# ---------------------------------------------------------------- output paths
+
+
+def check_output_path(path: str | os.PathLike | None, flag: str, *, folder: bool = False) -> None:
+    """Raise :class:`UndiscardError` (one line) when ``path`` cannot be written.
+
+    Checked without writing anything: no component of the path above it may be a file,
+    the nearest existing folder must be writable, and ``path`` itself must not be a
+    folder (``folder=True``: it must not be a file). ``flag`` names the option in the
+    message (e.g. ``"--json"``).
+    """
+    if path is None or str(path) == "":
+        return
+    p = Path(os.path.expanduser(str(path)))
+    head = f"{flag} {path}: cannot write there"
+    if p.exists():
+        if folder and not p.is_dir():
+            raise UndiscardError(f"{head}: it is a file, not a folder")
+        if not folder and p.is_dir():
+            raise UndiscardError(f"{head}: it is a folder; name a file")
+        if not folder and not os.access(p, os.W_OK):
+            raise UndiscardError(f"{head}: the file is not writable (permission denied)")
+        if folder and not os.access(p, os.W_OK | os.X_OK):
+            raise UndiscardError(f"{head}: the folder is not writable (permission denied)")
+    parent = p if folder and p.exists() else p.parent
+    cur = parent.absolute()
+    while not cur.exists():
+        if cur.is_symlink():  # a dangling link
+            raise UndiscardError(f"{head}: {cur} is a broken symbolic link")
+        cur = cur.parent
+    if not cur.is_dir():
+        raise UndiscardError(f"{head}: {cur} is a file, not a folder")
+    if not os.access(cur, os.W_OK | os.X_OK):
+        raise UndiscardError(f"{head}: the folder {cur} is not writable (permission denied)")
