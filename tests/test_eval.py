@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import cached
+from conftest import EPS32, cached
 from undiscard.cli import main
 from undiscard.evaluate import EvalConfig, calibration_error, run_eval
 
@@ -40,7 +41,11 @@ def test_eval_on_the_shipped_model_on_a_slice(tmp_path, capsys):
     for r in res["rows"]:
         assert 0.0 <= r["top1"] <= 100.0 and r["nll"] > 0
         if r["budget"] == 1 and r["aggregate"] != "attention-default-only":  # B=1 is the plain model
-            assert r["top1"] == p["top1"] and r["nll"] == pytest.approx(p["nll"], abs=1e-6)
+            # the same features (offset 0 is bit for bit); the head's float32 pooling (4x4 cells) and linear
+            # layer (512 inputs) may run on another layout, and the NLL moves by at most twice the largest
+            # logit change; the shipped model's logits stay below 10 in magnitude (4.6 on these images)
+            nll_tol = 2 * (math.sqrt(16) + math.sqrt(512)) * EPS32 * 10
+            assert r["top1"] == p["top1"] and r["nll"] == pytest.approx(p["nll"], rel=0, abs=nll_tol)
         if r["aggregate"] not in ("best-single", "attention-default-only"):
             assert r["time_ratio"] > 0
     assert not out.with_suffix(".partial.safetensors").exists()

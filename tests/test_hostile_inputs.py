@@ -50,6 +50,7 @@ CASES = [(c, e) for c in ("entropy", "random", "displacement", "learned") for e 
 
 @pytest.mark.parametrize("criterion,engine", CASES)
 def test_each_images_answer_is_the_same_alone_shuffled_and_chunked(model, x, criterion, engine):
+    x = x[:, :, :48, :48]  # final map 2x2: sub-cell alignment still acts, cheaper forwards
     kw = dict(engine=engine, return_details=True)
     if criterion == "learned":
         kw.update(aggregator=_learned_aggregator(model, x), aggregate="attention")
@@ -117,7 +118,7 @@ def test_eval_gives_the_same_numbers_at_two_batch_sizes(tmp_path):
     res = []
     for bs in (12, 5):
         cfg = EvalConfig(model=str(path), limit=12, batch_size=bs, budgets=[1, 3], criteria=["entropy", "random"],
-                         aggregates=["mean", "entropy"], timing_images=2, repeats=1)
+                         aggregates=["mean", "entropy"], timing_images=1, repeats=1)
         res.append(run_eval(cfg, tmp_path / f"bs{bs}.json", log=lambda m: None))
     a, b = res
     assert a["plain"]["top1"] == b["plain"]["top1"]

@@ -169,7 +169,8 @@ def test_unaligned_maps_differ_from_aligned_ones(model, x):
     a = wrap(model, budget=4, align=True).search(x)
     b = wrap(model, budget=4, align=False).search(x)
     assert torch.equal(a.states, b.states) is False or not torch.allclose(a.features, b.features)
-    assert torch.allclose(a.features[:, 0], b.features[:, 0])  # the default state needs no shift
+    # the default state needs no shift: at most an interpolation with weights 1 and 0 (2 roundings)
+    assert_close_scaled(a.features[:, 0], b.features[:, 0], ops=2)
 
 
 @pytest.mark.parametrize("name,kw,layout", [

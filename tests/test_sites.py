@@ -41,13 +41,15 @@ def test_offset_zero_reproduces_model_and_offsets_change_it(zoo, name, kwargs, h
     plain = model(x)
     zero = undiscard.run_states(model, x, sites.zero_state(), sites)
     assert zero.shape == plain.shape
-    scale = plain.abs().max()
-    assert (zero - plain).abs().max() <= 1e-6 * scale
-    # a non-zero state runs, keeps the shape, stays finite and actually changes the output
+    assert torch.equal(zero, plain)  # offset 0 runs the very same ops on the same batch: bit for bit
+    # a non-zero state runs, keeps the shape, stays finite and actually changes the output: by a fair
+    # fraction of how much the output differs between two images (max|output| would not do: in random-weight
+    # torchvision Inception the head's bias dwarfs what the image changes, ~4e-7 of it)
     last = torch.tensor([s.num_offsets - 1 for s in sites.searchable_sites])
     moved = undiscard.run_states(model, x, last, sites)
     assert moved.shape == plain.shape and torch.isfinite(moved).all()
-    assert (moved - plain).abs().max() > 1e-7 * scale
+    between_images = (plain[0] - plain[1]).abs().max()
+    assert between_images > 0 and (moved - plain).abs().max() > 0.1 * between_images
 
 
 def _site_summary(sites):

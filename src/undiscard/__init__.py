@@ -11,6 +11,13 @@ Activations at Test-Time", ECCV 2024, arXiv 2410.01083).
     >>> better = undiscard.wrap(model, budget=8)               # doctest: +SKIP
 """
 
+# First: a CUDA torchvision next to a CPU torch cannot be imported (``operator torchvision::nms
+# does not exist``); the guard makes ``import undiscard, timm`` work. It loads nothing now, it
+# runs when torchvision is first imported, and only acts if torchvision's extension fails to load.
+from undiscard import _compat
+
+_compat.install_torchvision_guard()
+
 from undiscard.aggregator import AttentionAggregator, load_aggregator
 from undiscard.compose import ImageTTA
 from undiscard.engine import run_states, use_states

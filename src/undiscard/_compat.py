@@ -12,11 +12,23 @@ tries to load the real extension; only if that fails does it define the missing
 schemas itself (schemas only, no kernels), so the import succeeds. Models and
 transforms then work; torchvision's detection ops (``nms``, ``roi_align``, ...)
 and image decoding stay unavailable and raise when called.
+
+``import undiscard`` calls :func:`install_torchvision_guard`, so that ``import
+undiscard, timm`` (in that order) just works: a finder on ``sys.meta_path`` runs
+:func:`ensure_torchvision` the first time torchvision is looked up (``import
+torchvision``, ``import timm``, ``importlib.util.find_spec("torchvision")``), then
+removes itself and lets the regular finders import it. Nothing is loaded at
+``import undiscard`` time (no torchvision import, no extension ``dlopen``: a program
+that never touches torchvision pays nothing and sees no notice), and where the real
+extension loads, the guard defines nothing. Importing torchvision *before*
+undiscard still fails in such an environment: call :func:`ensure_torchvision` (or
+import undiscard) first.
 """
 
 from __future__ import annotations
 
 import glob
+import importlib.abc
 import importlib.util
 import os
 import sys
@@ -25,7 +37,7 @@ import warnings
 
 import torch
 
-__all__ = ["ensure_torchvision", "TORCHVISION_EXTENSION_ERROR", "DEFINED_TORCHVISION_SCHEMAS"]
+__all__ = ["ensure_torchvision", "install_torchvision_guard", "TORCHVISION_EXTENSION_ERROR", "DEFINED_TORCHVISION_SCHEMAS"]
 
 # Operator schemas of torchvision's C++ extension (torchvision/csrc/ops/*.cpp,
 # torchvision 0.28). Every op that torchvision's Python code registers fake/meta/
@@ -130,7 +142,7 @@ def ensure_torchvision() -> bool:
     """
     global _done, _result, _lib, TORCHVISION_EXTENSION_ERROR, DEFINED_TORCHVISION_SCHEMAS
 
-    if "torchvision" in sys.modules:
+    if sys.modules.get("torchvision") is not None:  # imported (None: its import is blocked)
         return True
     with _lock:
         if _done:
@@ -172,3 +184,47 @@ def ensure_torchvision() -> bool:
             )
         _done, _result = True, True
         return True
+
+
+class _TorchvisionGuardFinder(importlib.abc.MetaPathFinder):
+    """Runs :func:`ensure_torchvision` just before torchvision is first looked up.
+
+    It finds nothing itself (``find_spec`` returns ``None``), so the regular finders import
+    torchvision; it removes itself first, so the guard's own ``find_spec("torchvision")``
+    does not come back here. Errors of the guard propagate: they are never swallowed.
+    """
+
+    def find_spec(self, fullname, path=None, target=None):  # noqa: D102 - importlib protocol
+        if fullname != "torchvision":
+            return None
+        _uninstall_guard()
+        ensure_torchvision()
+        return None
+
+
+_finder: _TorchvisionGuardFinder | None = None
+
+
+def _uninstall_guard() -> None:
+    global _finder
+    with _lock:
+        if _finder is not None:
+            try:
+                sys.meta_path.remove(_finder)
+            except ValueError:  # someone else took it off
+                pass
+            _finder = None
+
+
+def install_torchvision_guard() -> None:
+    """Arrange for :func:`ensure_torchvision` to run before torchvision is first imported.
+
+    Cheap (no import, no library load); idempotent; a no-op when torchvision is already
+    imported or the guard has already run. Called by ``import undiscard``.
+    """
+    global _finder
+    with _lock:
+        if _done or _finder is not None or "torchvision" in sys.modules:
+            return
+        _finder = _TorchvisionGuardFinder()
+        sys.meta_path.insert(0, _finder)

@@ -77,6 +77,8 @@ class EvalConfig:
 
 #: EvalConfig fields that do not change any number: not compared when resuming or reusing a result.
 _NOT_CONFIG = ("trust_pickle",)
+#: Fields added after results were first written: a completed JSON without them had these values.
+_ADDED_DEFAULTS = {"skip_corrupt": False}
 
 
 def saved_config(cfg) -> dict:
@@ -376,12 +378,14 @@ def _config_diff(saved: dict, now: dict) -> str:
     return "; ".join(f"{k}: saved {saved.get(k, '<unset>')!r}, now {now.get(k, '<unset>')!r}" for k in keys)
 
 
-def completed_result(out: Path, config: dict, *, task: str = "classification", command: str = "undiscard eval") -> dict | None:
+def completed_result(out: Path, config: dict, *, task: str = "classification", command: str = "undiscard eval",
+                     defaults: dict | None = None) -> dict | None:
     """The results in a completed ``out`` written with ``config`` (``None`` when there is no ``out``).
 
     Raises :class:`UndiscardError` when ``out`` holds something else: results of other
     arguments (named), another task, or a file that is not such a result. Nothing is
-    recomputed or overwritten without ``--fresh``.
+    recomputed or overwritten without ``--fresh``. ``defaults``: the value of a setting
+    that an earlier version did not record (e.g. ``skip_corrupt``: ``False``).
     """
     if not out.exists():
         return None
@@ -396,7 +400,8 @@ def completed_result(out: Path, config: dict, *, task: str = "classification", c
     saved_task = saved.get("task", "classification")
     if saved_task != task:
         raise UndiscardError(f"{out} holds a completed {saved_task} evaluation, this is a {task} one; {fresh}")
-    if saved["config"] != config:
+    known = {**{k: v for k, v in (defaults or {}).items() if k in config}, **saved["config"]}
+    if known != config:
         raise UndiscardError(f"{out}: completed evaluation with other arguments ({_config_diff(saved['config'], config)}); "
                              f"it is not overwritten: rerun with the same arguments to see its results, or {fresh}")
     return saved
@@ -407,7 +412,7 @@ def _completed_on_rank0(out: Path, d: _Dist, config: dict) -> dict | None:
     err, saved = None, None
     if d.rank == 0:
         try:
-            saved = completed_result(out, config)
+            saved = completed_result(out, config, defaults=_ADDED_DEFAULTS)
         except UndiscardError as exc:
             err = str(exc)
     if d.world > 1:

@@ -257,9 +257,10 @@ class Undiscard(nn.Module):
         check_batch(x)
         key = tuple(x.shape[1:])
         if key not in self._sites:
+            sites = find_sites(self.model, x[:1], searchable=self.searchable)  # clear errors for a bad input
+            check_batch(x, len(sites.stride_total))
             if x.shape[0]:
                 verify_split(self.model, self.split, x[:2])
-            sites = find_sites(self.model, x[:1], searchable=self.searchable)
             if self.aggregator is not None:
                 from undiscard.aggregator import sites_signature
 

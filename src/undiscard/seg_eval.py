@@ -191,7 +191,8 @@ def run_seg_eval(cfg: SegEvalConfig, out_json: str | os.PathLike | None = None, 
                 if f.exists():
                     f.unlink()
                     log(f"--fresh: deleted {f}")
-        done = completed_result(out_path, config, task="segmentation", command="undiscard eval --task segmentation")
+        done = completed_result(out_path, config, task="segmentation", command="undiscard eval --task segmentation",
+                                defaults={"skip_corrupt": False})
         if done is not None:
             log(f"{out_path} is complete (saved by a run with the same arguments): its results, nothing recomputed; "
                 "add --fresh to recompute them")

@@ -98,14 +98,29 @@ def _decode(obj: Any, get) -> Any:
 # ---------------------------------------------------------------- files
 
 
+def _safetensors():
+    """``(safe_open, save_file)``; a clear error when safetensors is missing."""
+    try:
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+    except ImportError as exc:
+        raise UndiscardError(f"saved state (resume files, caches) is stored as safetensors, which is not installed "
+                             f"({exc}); install it with: pip install 'undiscard[zoo]' (or pip install safetensors)") from exc
+    return safe_open, save_file
+
+
 def looks_like_pickle(path: str | os.PathLike) -> bool:
     """True when ``path`` starts like a pickle or a ``torch.save`` zip archive (never loaded here)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
     except OSError:
         return False
-    return head[:1] == b"\x80" or head == b"PK\x03\x04"
+    # a safetensors file: an 8-byte little-endian header length, then the JSON header ('{')
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        return False
+    return (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or head[:4] == b"PK\x03\x04"
 
 
 def save_state(obj: dict, path: str | os.PathLike, kind: str) -> Path:
@@ -114,8 +129,7 @@ def save_state(obj: dict, path: str | os.PathLike, kind: str) -> Path:
     ``kind`` names what the file holds (e.g. ``"undiscard.eval-partial/3"``);
     :func:`load_state` refuses a file of another kind.
     """
-    from safetensors.torch import save_file
-
+    _, save_file = _safetensors()
     path = Path(path)
     store = _Tensors()
     state = _encode(obj, store)
@@ -135,8 +149,7 @@ def load_state(path: str | os.PathLike, kind: str, *, what: str = "saved state",
     :class:`UndiscardError` for any other file that is not such a state, each naming
     ``path``, ``what`` it should be and ending with ``hint`` (what to do instead).
     """
-    from safetensors import safe_open
-
+    safe_open, _ = _safetensors()
     path = Path(path)
     tail = f"; {hint}" if hint else ""
     if looks_like_pickle(path):
