@@ -144,6 +144,9 @@ def ensure_torchvision() -> bool:
 
     if sys.modules.get("torchvision") is not None:  # imported (None: its import is blocked)
         return True
+    # the import-time finder has done its job once we run: take it off first, so that the
+    # find_spec("torchvision") below (made while holding the lock) never re-enters it
+    _uninstall_guard()
     with _lock:
         if _done:
             return _result
