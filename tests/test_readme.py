@@ -169,6 +169,8 @@ def test_import_undiscard_then_timm_works_and_undiscard_alone_loads_nothing_of_t
 
 
 def test_import_undiscard_works_without_torchvision():
+    """Also: the guard's finder must not make importlib skip the finder after it (here the one
+    that hides torchvision), and a direct call of the guard must not wait on itself."""
     res = _fresh_python(
         "import importlib.abc, sys\n"
         "class Hide(importlib.abc.MetaPathFinder):  # as if torchvision were not installed\n"
@@ -178,13 +180,14 @@ def test_import_undiscard_works_without_torchvision():
         "sys.meta_path.insert(0, Hide())\n"
         "import torch, undiscard\n"
         "from undiscard import _compat\n"
+        "# called directly while the import-time finder is in place (its find_spec passes through it)\n"
+        "assert _compat.ensure_torchvision() is False and _compat.DEFINED_TORCHVISION_SCHEMAS == ()\n"
         "try:\n"
         "    import torchvision\n"
         "except ModuleNotFoundError:\n"
         "    pass\n"
         "else:\n"
         "    raise SystemExit('torchvision imported although hidden')\n"
-        "assert _compat.ensure_torchvision() is False and _compat.DEFINED_TORCHVISION_SCHEMAS == ()\n"
         "net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, 2, 1), torch.nn.Conv2d(2, 2, 3, 2, 1))\n"
         "print(len(undiscard.find_sites(net, torch.randn(1, 1, 16, 16))))\n"
     )

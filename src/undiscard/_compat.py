@@ -16,8 +16,8 @@ and image decoding stay unavailable and raise when called.
 ``import undiscard`` calls :func:`install_torchvision_guard`, so that ``import
 undiscard, timm`` (in that order) just works: a finder on ``sys.meta_path`` runs
 :func:`ensure_torchvision` the first time torchvision is looked up (``import
-torchvision``, ``import timm``, ``importlib.util.find_spec("torchvision")``), then
-removes itself and lets the regular finders import it. Nothing is loaded at
+torchvision``, ``import timm``, ``importlib.util.find_spec("torchvision")``), lets the
+regular finders import it, and stays inert from then on. Nothing is loaded at
 ``import undiscard`` time (no torchvision import, no extension ``dlopen``: a program
 that never touches torchvision pays nothing and sees no notice), and where the real
 extension loads, the guard defines nothing. Importing torchvision *before*
@@ -109,6 +109,7 @@ TORCHVISION_EXTENSION_ERROR: str | None = None
 DEFINED_TORCHVISION_SCHEMAS: tuple[str, ...] = ()
 
 _lock = threading.Lock()
+_running = threading.local()  # .active: this thread is inside ensure_torchvision
 _done = False
 _result = False
 _lib: torch.library.Library | None = None  # kept alive: dropping it would undefine the schemas
@@ -140,83 +141,82 @@ def ensure_torchvision() -> bool:
     ``False`` when it is not installed. Idempotent and safe to call from several
     threads.
     """
-    global _done, _result, _lib, TORCHVISION_EXTENSION_ERROR, DEFINED_TORCHVISION_SCHEMAS
-
     if sys.modules.get("torchvision") is not None:  # imported (None: its import is blocked)
         return True
-    # the import-time finder has done its job once we run: take it off first, so that the
-    # find_spec("torchvision") below (made while holding the lock) never re-enters it
-    _uninstall_guard()
+    if _done:
+        return _result
     with _lock:
         if _done:
             return _result
-        pkg_dir = _torchvision_dir()
-        if pkg_dir is None:
-            _done, _result = True, False
-            return False
+        # the find_spec("torchvision") below passes through the import-time finder, which must
+        # let it through (the lock is not re-entrant, and the finder must stay on sys.meta_path)
+        _running.active = True
+        try:
+            return _ensure_locked()
+        finally:
+            _running.active = False
 
-        candidates = sorted(glob.glob(os.path.join(pkg_dir, "_C*.so")) + glob.glob(os.path.join(pkg_dir, "_C*.pyd")))
-        error: str | None = None
-        if not candidates:
-            error = f"no _C extension file in {pkg_dir}"
-        else:
-            try:
-                torch.ops.load_library(candidates[0])
-            except (OSError, ImportError, RuntimeError) as exc:
-                error = f"{type(exc).__name__}: {exc}"
-                cause = exc.__cause__ or exc.__context__
-                if cause is not None:  # e.g. "libc10_cuda.so: cannot open shared object file"
-                    error += f" ({type(cause).__name__}: {cause})"
 
-        if error is not None:
-            missing = [name for name in _TORCHVISION_SCHEMAS if not _find_op_schema(name)]
-            if missing:
-                lib = torch.library.Library("torchvision", "DEF")  # noqa: TOR901
-                for name in missing:
-                    lib.define(_TORCHVISION_SCHEMAS[name])
-                _lib = lib
-            DEFINED_TORCHVISION_SCHEMAS = tuple(missing)
-            TORCHVISION_EXTENSION_ERROR = error
-            warnings.warn(
-                "torchvision's C extension did not load "
-                f"({error.splitlines()[0][:300]}); probably a CUDA torchvision next to a CPU torch. "
-                "Its detection ops (nms, roi_align, ...) and image decoding are unavailable; "
-                "models and transforms work.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        _done, _result = True, True
-        return True
+def _ensure_locked() -> bool:
+    global _done, _result, _lib, TORCHVISION_EXTENSION_ERROR, DEFINED_TORCHVISION_SCHEMAS
+
+    pkg_dir = _torchvision_dir()
+    if pkg_dir is None:
+        _done, _result = True, False
+        return False
+
+    candidates = sorted(glob.glob(os.path.join(pkg_dir, "_C*.so")) + glob.glob(os.path.join(pkg_dir, "_C*.pyd")))
+    error: str | None = None
+    if not candidates:
+        error = f"no _C extension file in {pkg_dir}"
+    else:
+        try:
+            torch.ops.load_library(candidates[0])
+        except (OSError, ImportError, RuntimeError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            cause = exc.__cause__ or exc.__context__
+            if cause is not None:  # e.g. "libc10_cuda.so: cannot open shared object file"
+                error += f" ({type(cause).__name__}: {cause})"
+
+    if error is not None:
+        missing = [name for name in _TORCHVISION_SCHEMAS if not _find_op_schema(name)]
+        if missing:
+            lib = torch.library.Library("torchvision", "DEF")  # noqa: TOR901
+            for name in missing:
+                lib.define(_TORCHVISION_SCHEMAS[name])
+            _lib = lib
+        DEFINED_TORCHVISION_SCHEMAS = tuple(missing)
+        TORCHVISION_EXTENSION_ERROR = error
+        warnings.warn(
+            "torchvision's C extension did not load "
+            f"({error.splitlines()[0][:300]}); probably a CUDA torchvision next to a CPU torch. "
+            "Its detection ops (nms, roi_align, ...) and image decoding are unavailable; "
+            "models and transforms work.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    _done, _result = True, True
+    return True
 
 
 class _TorchvisionGuardFinder(importlib.abc.MetaPathFinder):
     """Runs :func:`ensure_torchvision` just before torchvision is first looked up.
 
     It finds nothing itself (``find_spec`` returns ``None``), so the regular finders import
-    torchvision; it removes itself first, so the guard's own ``find_spec("torchvision")``
-    does not come back here. Errors of the guard propagate: they are never swallowed.
+    torchvision. Once the guard has run it stays inert on ``sys.meta_path`` (one string
+    comparison per import): removing itself, from inside ``find_spec`` or from the guard it
+    calls, would make importlib, which iterates the live list, skip the next finder. The
+    guard's own ``find_spec("torchvision")`` comes back here and is let through (``_running``).
+    Errors of the guard propagate: they are never swallowed.
     """
 
     def find_spec(self, fullname, path=None, target=None):  # noqa: D102 - importlib protocol
-        if fullname != "torchvision":
-            return None
-        _uninstall_guard()
-        ensure_torchvision()
+        if fullname == "torchvision" and not _done and not getattr(_running, "active", False):
+            ensure_torchvision()
         return None
 
 
 _finder: _TorchvisionGuardFinder | None = None
-
-
-def _uninstall_guard() -> None:
-    global _finder
-    with _lock:
-        if _finder is not None:
-            try:
-                sys.meta_path.remove(_finder)
-            except ValueError:  # someone else took it off
-                pass
-            _finder = None
 
 
 def install_torchvision_guard() -> None:
@@ -230,4 +230,4 @@ def install_torchvision_guard() -> None:
         if _done or _finder is not None or "torchvision" in sys.modules:
             return
         _finder = _TorchvisionGuardFinder()
-        sys.meta_path.insert(0, _finder)
+        sys.meta_path.insert(0, _finder)  # before the path finders that would import torchvision

@@ -278,7 +278,7 @@ def train_aggregator(
             from safetensors import safe_open
 
             if looks_like_pickle(out):
-                raise ValueError("a pickle")
+                raise ValueError("a pickle")  # internal: caught just below
             with safe_open(str(out), "pt") as fh:
                 meta = dict(fh.metadata() or {})
         except Exception as exc:

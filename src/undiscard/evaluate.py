@@ -207,7 +207,7 @@ class _LazyImages:
 
     def __getitem__(self, sl: slice) -> torch.Tensor:
         if not isinstance(sl, slice):
-            raise TypeError("index with a slice")
+            raise TypeError("index with a slice")  # internal: a caller bug
         return torch.stack([self.ds[i][0] for i in self.indices[sl]])
 
 

@@ -76,9 +76,9 @@ def _encode(obj: Any, store: _Tensors) -> Any:
             return {k: _encode(v, store) for k, v in obj.items()}
         for k in obj:
             if not (k is None or isinstance(k, (bool, int, float, str))):
-                raise TypeError(f"cannot store a dict key of type {type(k).__name__}")
+                raise TypeError(f"cannot store a dict key of type {type(k).__name__}")  # internal: a caller bug
         return {"__items__": [[k, _encode(v, store)] for k, v in obj.items()]}
-    raise TypeError(f"cannot store a {type(obj).__name__} in a state file (tensors and JSON values only)")
+    raise TypeError(f"cannot store a {type(obj).__name__} in a state file (tensors and JSON values only)")  # internal
 
 
 def _decode(obj: Any, get) -> Any:
