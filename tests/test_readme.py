@@ -143,7 +143,7 @@ IMPORTING = [(s, c) for s, c in BLOCKS if _third_party_imports(c)]
 
 
 def _fresh_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180)
 
 
 @pytest.mark.parametrize("start,code", IMPORTING, ids=[f"README.md:{s}" for s, _ in IMPORTING])
