@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import undiscard
-from conftest import assert_close_scaled, cached, rounding_ops
+from conftest import EPS32, assert_close_scaled, cached, rounding_ops
 from undiscard.aggregate import entropy_weights
 from undiscard.aggregator import AttentionAggregator
 from undiscard.align import align_to_default, shift_cells
@@ -122,13 +122,18 @@ def test_eval_gives_the_same_numbers_at_two_batch_sizes(tmp_path):
         res.append(run_eval(cfg, tmp_path / f"bs{bs}.json", log=lambda m: None))
     a, b = res
     assert a["plain"]["top1"] == b["plain"]["top1"]
+    # per-image logits differ only by the rounding of batched kernels, at most
+    # rounding_ops * eps * max|logit| (conftest); log-softmax moves by at most twice that
+    with torch.no_grad():
+        scale = float(model(torch.randn(8, 1, 64, 64, generator=torch.Generator().manual_seed(0))).abs().max())
+    nll_tol = 2 * rounding_ops(model) * EPS32 * max(scale, 1.0)
     rows_a = {(r["budget"], r["criterion"], r["aggregate"]): r for r in a["rows"]}
     rows_b = {(r["budget"], r["criterion"], r["aggregate"]): r for r in b["rows"]}
     assert rows_a.keys() == rows_b.keys() and len(rows_a) > 4
     for k, r in rows_a.items():
         assert r["top1"] == rows_b[k]["top1"], k
         # the same states per image; NLL differs only by the rounding of batched kernels
-        assert r["nll"] == pytest.approx(rows_b[k]["nll"], rel=1e-5), k
+        assert r["nll"] == pytest.approx(rows_b[k]["nll"], abs=nll_tol), k
 
 
 # ------------------------------------------------------------------ 4. silent wrong answers
@@ -266,14 +271,15 @@ def test_a_split_that_is_not_a_pair_of_functions_is_refused(model, split):
 def test_entropy_weights_sum_to_one_even_on_all_nan_input():
     nan = torch.full((2, 3, 4), float("nan"))
     w = entropy_weights(nan)
-    torch.testing.assert_close(w.sum(1), torch.ones(2))
+    assert_close_scaled(w.sum(1), torch.ones(2), ops=3)  # three weights, one division each and a sum
     mask = torch.tensor([[True, True, False], [False, False, False]])
     wm = entropy_weights(nan, mask)
-    torch.testing.assert_close(wm, torch.tensor([[0.5, 0.5, 0.0], [1 / 3, 1 / 3, 1 / 3]]))
+    assert_close_scaled(wm, torch.tensor([[0.5, 0.5, 0.0], [1 / 3, 1 / 3, 1 / 3]]), ops=2)  # one division
     mixed = torch.randn(2, 3, 4)
     mixed[0, 1] = float("nan")
     wx = entropy_weights(mixed)
-    assert wx[0, 1] == 0 and torch.allclose(wx.sum(1), torch.ones(2, dtype=wx.dtype))
+    assert wx[0, 1] == 0
+    assert_close_scaled(wx.sum(1), torch.ones(2), ops=3)
 
 
 # ------------------------------------------------------------------ 5. one clear error, not a traceback
