@@ -224,7 +224,7 @@ def test_old_partial_files_are_refused_with_a_hint_to_start_fresh(tmp_path):
     out = tmp_path / "a.json"
     torch.save({"version": 1, "config": dict(cfg.__dict__), "batches": 1, "done": 2,
                 "confusion": {"plain": torch.zeros(2, 11, 11, dtype=torch.int64)}}, out.with_suffix(".partial.pt"))
-    with pytest.raises(Exception, match="pickle format of an older undiscard.*--fresh"):  # never unpickled
+    with pytest.raises(Exception, match="pickle format; it is not.*--fresh"):  # never unpickled
         run_seg_eval(cfg, out, log=lambda m: None)
 
 

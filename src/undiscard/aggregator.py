@@ -238,7 +238,7 @@ def train_aggregator(
     fill). For every training image the final maps of ``states_per_image`` states (the
     default and random others) are computed once and cached (float16, resumable: a
     ``OUT.cache.safetensors`` file, tied to the backbone's weights, the sites, the images
-    and the settings; the ``OUT.cache.pt`` pickles of older versions are refused, never
+    and the settings; an ``OUT.cache.pt`` pickle is refused, never
     loaded); each batch then draws a budget ``B`` uniformly from
     ``1..states_per_image`` and a random subset of ``B`` states (the default always in),
     and the aggregator learns to make the frozen head right (cross-entropy), with AdamW
@@ -293,7 +293,7 @@ def train_aggregator(
             "add --fresh to retrain it")
         return {"loss": json.loads(meta.get("undiscard.loss", "[]")), "out": str(out)}
     if legacy.exists():
-        raise FileTrustError(f"{legacy}: feature cache in the pickle format of an older undiscard; it is not loaded "
+        raise FileTrustError(f"{legacy}: a feature cache in a pickle format; it is not loaded "
                              "(unpickling a file can run code): add --fresh to delete it (or delete it) and rerun")
     gen = torch.Generator().manual_seed(seed)
     states = _random_states(sites, n, k, gen)

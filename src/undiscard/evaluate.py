@@ -385,7 +385,7 @@ def completed_result(out: Path, config: dict, *, task: str = "classification", c
     Raises :class:`UndiscardError` when ``out`` holds something else: results of other
     arguments (named), another task, or a file that is not such a result. Nothing is
     recomputed or overwritten without ``--fresh``. ``defaults``: the value of a setting
-    that an earlier version did not record (e.g. ``skip_corrupt``: ``False``).
+    that a result file does not record (e.g. ``skip_corrupt``: ``False``).
     """
     if not out.exists():
         return None
@@ -449,7 +449,7 @@ def _load_shard_state(out: Path, d: _Dist, config: dict, batch_size: int, fresh:
     other = sorted(str(f) for f, w in saved.items() if w != d.world)
     mine = _partial_path(out, d.rank, d.world)
     if legacy:
-        err = (f"{', '.join(legacy)}: partial evaluation in the pickle format of an older undiscard; it is not loaded "
+        err = (f"{', '.join(legacy)}: partial evaluation in a pickle format; it is not loaded "
                "(unpickling a file can run code) and cannot be resumed: add --fresh to delete it and start over")
     elif other:
         worlds = sorted({saved[Path(f)] for f in other})

@@ -204,7 +204,7 @@ def run_seg_eval(cfg: SegEvalConfig, out_json: str | os.PathLike | None = None, 
                 plot_segmentation(done, figure_samples(loaded.model, xs, ys, done, common), figure)
             return done
         if legacy.exists():
-            raise UndiscardError(f"{legacy}: partial evaluation in the pickle format of an older undiscard; it is not "
+            raise UndiscardError(f"{legacy}: partial evaluation in a pickle format; it is not "
                                  "loaded (unpickling a file can run code) and cannot be resumed: add --fresh to delete "
                                  "it and start over")
         if partial.exists():

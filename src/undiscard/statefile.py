@@ -6,7 +6,7 @@ dicts / lists of JSON values and tensors. :func:`save_state` writes one as a saf
 file: the tensors as its tensors, the rest as JSON in its metadata (tensors replaced by
 references). :func:`load_state` reads it back exactly (tuples, non-string dict keys,
 ``inf`` / ``nan`` floats and shared tensors included). Nothing is unpickled: a file that
-is a pickle (what ``torch.save`` writes, or an older undiscard's ``.pt`` state) is
+is a pickle (what ``torch.save`` writes, such as a ``.pt`` state file) is
 refused with a message naming it, never loaded.
 
 :func:`check_output_path` tells, before any computation, whether a path can be written.
@@ -154,7 +154,7 @@ def load_state(path: str | os.PathLike, kind: str, *, what: str = "saved state",
     tail = f"; {hint}" if hint else ""
     if looks_like_pickle(path):
         raise FileTrustError(
-            f"{path}: {what} in a pickle format (torch.save, as older versions of undiscard wrote), which is never "
+            f"{path}: {what} in a pickle format (what torch.save writes), which is never "
             f"loaded: unpickling can run code{tail}")
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -54,8 +54,8 @@ def load_resume(path: Path, recipe: dict) -> dict:
 
 
 def prepare_output(out: Path, resume_path: Path, recipe: dict, fresh: bool, log) -> dict | None:
-    """Before training into ``out``: ``fresh`` deletes what an earlier run left; an older version's
-    pickled resume file is refused; a completed ``out`` of the same recipe gives its summary (nothing
+    """Before training into ``out``: ``fresh`` deletes what an earlier run left; a
+    pickled resume file (``OUT.resume.pt``) is refused; a completed ``out`` of the same recipe gives its summary (nothing
     to train: returned), one of another recipe is refused."""
     legacy = out.with_name(out.name + ".resume.pt")
     summary = out.with_suffix(".json")
@@ -65,7 +65,7 @@ def prepare_output(out: Path, resume_path: Path, recipe: dict, fresh: bool, log)
                 f.unlink()
                 log(f"--fresh: deleted {f}")
     if legacy.exists():
-        raise FileTrustError(f"{legacy}: training resume file in the pickle format of an older undiscard; it is not "
+        raise FileTrustError(f"{legacy}: training resume file in a pickle format; it is not "
                              "loaded (unpickling a file can run code) and cannot be resumed: add --fresh to delete it "
                              "and start over")
     if resume_path.exists() or not out.exists():
