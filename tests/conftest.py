@@ -20,6 +20,10 @@ with warnings.catch_warnings():
     _compat.ensure_torchvision()
 
 
+#: a seeded random timm resnet18 for gray 7-class inputs, built once (``cached(*RESNET_GRAY7)``)
+RESNET_GRAY7 = ("timm", "resnet18", (("num_classes", 7), ("in_chans", 1)))
+
+
 # ------------------------------------------------------------------ float tolerances
 
 EPS32 = torch.finfo(torch.float32).eps  # 1.19e-7, machine epsilon: one rounding errs by at most half of it

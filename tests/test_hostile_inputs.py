@@ -15,14 +15,14 @@ import torch
 import torch.nn as nn
 
 import undiscard
-from conftest import EPS32, assert_close_scaled, cached, rounding_ops
+from conftest import RESNET_GRAY7, EPS32, assert_close_scaled, cached, rounding_ops
 from undiscard.aggregate import entropy_weights
 from undiscard.aggregator import AttentionAggregator
 from undiscard.align import align_to_default, shift_cells
 from undiscard.engine import use_states
 from undiscard.search import image_seeds
 
-RESNET = ("timm", "resnet18", (("num_classes", 7), ("in_chans", 1)))
+RESNET = RESNET_GRAY7
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import undiscard
-from conftest import assert_close_scaled, cached, rounding_ops
+from conftest import RESNET_GRAY7, assert_close_scaled, cached, rounding_ops
 from undiscard.aggregator import AttentionAggregator, load_aggregator, save_aggregator, backbone_fingerprint, sites_signature
 from undiscard.method import wrap
 
-RESNET = ("timm", "resnet18", (("num_classes", 7), ("in_chans", 1)))
+RESNET = RESNET_GRAY7
 
 
 @pytest.fixture(scope="module")

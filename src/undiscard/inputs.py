@@ -27,11 +27,11 @@ def check_batch(x: object, spatial_dims: int | None = None, *, what: str = "inpu
         >>> check_batch(torch.zeros(2, 3, 8, 8), 2).shape
         torch.Size([2, 3, 8, 8])
     """
-    if not isinstance(x, torch.Tensor):
-        raise InputError(f"the {what} must be a tensor (N, C, *spatial); got {type(x).__name__}")
     want = None if spatial_dims is None else spatial_dims + 2
     axes = ("N, C, H, W" if spatial_dims == 2 else "N, C, L" if spatial_dims == 1
             else "N, C, T, H, W" if spatial_dims == 3 else "N, C, *spatial")
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"the {what} must be a tensor ({axes}); got {type(x).__name__}")
     if (want is not None and x.dim() != want) or x.dim() < 3:
         hint = ""
         if want is not None and x.dim() == want - 1:

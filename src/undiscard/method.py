@@ -28,7 +28,7 @@ import torch.nn as nn
 from undiscard.aggregate import entropy, entropy_weights
 from undiscard.align import FILLS, align_to_default
 from undiscard.engine import use_states
-from undiscard.errors import InputError, OptionError, SiteMismatchError, SplitError, UndiscardError
+from undiscard.errors import OptionError, SiteMismatchError, SplitError, UndiscardError
 from undiscard.inputs import check_batch, check_dtype, check_eval_mode
 from undiscard.options import check_choice, check_positive_int
 from undiscard.search import CRITERIA, greedy_search, image_seeds

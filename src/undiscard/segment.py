@@ -66,7 +66,7 @@ from torch.utils._pytree import tree_map
 
 from undiscard.engine import use_states
 from undiscard.errors import InputError, StateError, UndiscardError
-from undiscard.inputs import check_dtype, check_eval_mode
+from undiscard.inputs import check_batch, check_dtype, check_eval_mode
 from undiscard.options import check_choice, check_positive_int
 from undiscard.oprefs import BINDERS
 from undiscard.search import greedy_search, image_seeds
@@ -151,11 +151,7 @@ def upsample_logits(y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _check_input(x: Any) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise InputError(
-            f"expected a batched image tensor (N, C, H, W); got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
-            + (". Add a batch axis with x.unsqueeze(0)." if isinstance(x, torch.Tensor) and x.dim() == 3 else "")
-        )
+    check_batch(x, 2)
     if not x.is_floating_point():
         raise InputError(f"expected a floating-point image tensor (normalised); got dtype {x.dtype}")
 
