@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# Train the model zoo on Fashion-MNIST (the recipe is in src/undiscard/zoo.py).
-# Resumable: rerun after an interruption. EPOCHS=1 is the CPU recipe the shipped
-# checkpoints were trained with; on a GPU use e.g. EPOCHS=10.
+# Train the classification zoo on Fashion-MNIST (recipe: src/undiscard/zoo.py and
+# src/undiscard/zoo_archs.py). Seeded and resumable: rerun after an interruption and each
+# model carries on from its last saved step; finished models are kept.
+#   bash scripts/train_zoo.sh              # every model, in the order below
+#   bash scripts/train_zoo.sh resnet-s0    # only the named ones
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EPOCHS="${EPOCHS:-1}"
 PY=.venv/bin/python
-ARCHS=("$@"); [[ ${#ARCHS[@]} -gt 0 ]] || ARCHS=(resnet18 mobilenetv2_100 pvt_v2_b0)
-for arch in "${ARCHS[@]}"; do
-  out="zoo/fmnist_${arch}.safetensors"
-  if [[ -f "$out" && -z "${FORCE:-}" ]]; then echo "exists: $out (FORCE=1 to retrain)"; continue; fi
-  "$PY" -m undiscard train-backbone "timm:$arch" --out "$out" --epochs "$EPOCHS" --seed 0 --threads "${THREADS:-0}" ${FORCE:+--fresh}
+EPOCHS="${EPOCHS:-6}"
+COMMON=(--size 64 --epochs "$EPOCHS" --batch-size 256 --lr 2e-3 --augment shift --threads "${THREADS:-0}")
+declare -A ARCH=([resnet-s0]=fmnist-resnet [resnet-s1]=fmnist-resnet [resnet-s2]=fmnist-resnet
+                 [mobilenet]=fmnist-mobilenet [pvt]=fmnist-pvt [resnet-offaug]=fmnist-resnet)
+declare -A EXTRA=([resnet-s0]="--seed 0" [resnet-s1]="--seed 1" [resnet-s2]="--seed 2" [mobilenet]="--seed 0"
+                  [pvt]="--seed 0" [resnet-offaug]="--seed 0 --offset-augment 0.5")
+ORDER=(resnet-s0 mobilenet pvt resnet-offaug resnet-s1 resnet-s2)
+NAMES=("$@"); [[ ${#NAMES[@]} -gt 0 ]] || NAMES=("${ORDER[@]}")
+for name in "${NAMES[@]}"; do
+  [[ -n "${ARCH[$name]:-}" ]] || { echo "unknown zoo model $name; known: ${ORDER[*]}" >&2; exit 2; }
+  # shellcheck disable=SC2086
+  "$PY" -m undiscard train-backbone "zoo:${ARCH[$name]}" --out "zoo/fmnist-$name.safetensors" "${COMMON[@]}" ${EXTRA[$name]}
 done

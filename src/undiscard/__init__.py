@@ -22,6 +22,7 @@ from undiscard.aggregator import AttentionAggregator, load_aggregator
 from undiscard.compose import ImageTTA
 from undiscard.engine import run_states, use_states
 from undiscard.errors import (
+    ConfigError,
     FileTrustError,
     InputError,
     ModelModeError,
@@ -54,6 +55,7 @@ __all__ = [
     "SiteMap",
     "SiteOp",
     "UndiscardError",
+    "ConfigError",
     "FileTrustError",
     "InputError",
     "ModelModeError",

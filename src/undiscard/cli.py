@@ -106,7 +106,8 @@ def cmd_train_backbone(args) -> int:
     _check_outputs(("--out", args.out))
     torch.set_num_threads(args.threads) if args.threads else None
     recipe = Recipe(arch=args.arch, size=args.size, in_chans=args.in_chans, epochs=args.epochs,
-                    batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, augment=args.augment,
+                    offset_augment=args.offset_augment)
     train_backbone(recipe, args.out, root=args.data_root, half=not args.fp32, fresh=args.fresh,
                    log=lambda m: print(m, file=sys.stderr))
     return 0
@@ -484,8 +485,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_train_aggregator)
 
     sp = sub.add_parser("train-backbone", help="train a zoo backbone on Fashion-MNIST (seeded, resumable)")
-    sp.add_argument("arch", help="timm:NAME or torchvision:NAME")
+    sp.add_argument("arch", help="zoo:NAME (zoo:fmnist-resnet, zoo:fmnist-mobilenet, zoo:fmnist-pvt), timm:NAME or "
+                                 "torchvision:NAME")
     sp.add_argument("--out", required=True, help="output .safetensors path")
+    sp.add_argument("--augment", default="crop", choices=("crop", "shift"),
+                    help="crop: random-resized crop + translation + flip, per image (default); shift: random "
+                         "translation by up to 3 source pixels + flip, batched (cheaper)")
+    sp.add_argument("--offset-augment", type=float, default=0.0, metavar="P",
+                    help="with probability P per sample, train under a random state of the searchable sites "
+                         "(default 0: standard training)")
     sp.add_argument("--size", type=int, default=128, help="input side in pixels (default 128)")
     sp.add_argument("--in-chans", type=int, default=1, help="input channels (default 1)")
     sp.add_argument("--epochs", type=float, default=1.0, help="epochs, fractions allowed (default 1)")

@@ -50,3 +50,7 @@ class SiteMismatchError(UndiscardError, RuntimeError):
 
 class DatasetNotFoundError(UndiscardError, FileNotFoundError):
     """Data files or folders that are not where they were looked for."""
+
+
+class ConfigError(UndiscardError, ValueError):
+    """A fitted configuration (``undiscard fit``) that cannot be applied: unreadable, or made for another model."""

@@ -18,6 +18,7 @@ The classifier must split into features and head: timm models do
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,7 @@ from undiscard.engine import use_states
 from undiscard.errors import OptionError, SiteMismatchError, SplitError, UndiscardError
 from undiscard.inputs import check_batch, check_dtype, check_eval_mode
 from undiscard.options import check_choice, check_positive_int
-from undiscard.search import CRITERIA, greedy_search, image_seeds
+from undiscard.search import CRITERIA, SearchResult, greedy_search, image_seeds
 from undiscard.sites import SiteMap, find_sites
 from undiscard.trie import SharedPrefixEvaluator
 
@@ -211,8 +212,22 @@ class Undiscard(nn.Module):
         split: tuple[Callable, Callable] | None = None,
         return_details: bool = False,
         engine: str = "trie",
+        prior: Any = None,
+        policy: Any = None,
     ) -> None:
         super().__init__()
+        if policy is not None:
+            try:
+                policy = torch.as_tensor(policy, dtype=torch.long)
+            except (TypeError, ValueError, RuntimeError):
+                raise OptionError("policy must be a list of states (lists of flat offset indices)") from None
+            if policy.dim() != 2 or policy.shape[0] < 1 or bool(policy[0].any()):
+                raise OptionError(f"policy must be a non-empty (S, L) list of states starting with the default "
+                                  f"state (all zeros); got shape {tuple(policy.shape)}")
+            if budget > policy.shape[0]:
+                raise OptionError(f"budget {budget} exceeds the policy's {policy.shape[0]} states")
+        if prior is not None:
+            prior = torch.as_tensor(prior, dtype=torch.float64)
         check_positive_int("budget", budget, hint=" (1 = the plain model)")
         check_choice("criterion", criterion, CRITERIA)
         check_choice("aggregate", aggregate, AGGREGATES)
@@ -243,6 +258,7 @@ class Undiscard(nn.Module):
         self.width, self.max_batch, self.seed = width, int(max_batch), seed
         self.return_details = return_details
         self.engine = engine
+        self.prior, self.policy = prior, policy
         self.last_rows: list[int] = []  # rows computed per searchable site by the last search
         self._sites: dict[tuple, SiteMap] = {}
         if aggregator is not None:
@@ -324,10 +340,21 @@ class Undiscard(nn.Module):
                     return self.aggregator.state_logits(f, cells.to(f.dtype))
                 return -entropy(head_of_positions(f).float())
 
-        res = greedy_search(
-            features, x.shape[0], sites, budget, criterion, score=score, width=self.width,
-            seeds=image_seeds(x, self.seed),
-        )
+        if self.policy is not None:  # a fixed list of states, the same for every image: no search
+            if self.policy.shape[1] != len(sites.searchable):
+                raise OptionError(f"the policy's states have {self.policy.shape[1]} sites, the model has "
+                                  f"{len(sites.searchable)} searchable sites at this input size")
+            n0, pol = x.shape[0], self.policy[:budget]
+            sites.encode(pol)  # range check
+            img = torch.arange(n0).repeat_interleave(pol.shape[0])
+            out = features(img, pol.repeat(n0, 1))
+            res = SearchResult(pol[None].expand(n0, -1, -1).clone(), out.reshape(n0, pol.shape[0], *out.shape[1:]),
+                               torch.zeros(n0, pol.shape[0], dtype=torch.float64))
+        else:
+            res = greedy_search(
+                features, x.shape[0], sites, budget, criterion, score=score, width=self.width,
+                seeds=image_seeds(x, self.seed), prior=self.prior,
+            )
         self.last_rows = shared.rows if shared is not None else rows
         n, b = res.states.shape[:2]
         flat = res.outputs.flatten(0, 1)
@@ -388,16 +415,19 @@ class Undiscard(nn.Module):
 
 def wrap(
     model: nn.Module,
-    budget: int = 8,
-    criterion: str = "entropy",
-    aggregate: str = "entropy",
+    budget: int | None = None,
+    criterion: str | None = None,
+    aggregate: str | None = None,
+    *,
+    config: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> Undiscard:
     """Wrap a classifier so that it aggregates ``budget`` searched offset states per image.
 
     Args:
         model: a classifier in eval mode (timm, or any model with ``split=``).
-        budget: states evaluated per image, the default included (1 = the plain model).
+        budget: states evaluated per image, the default included (1 = the plain model;
+            default 8).
         criterion: search order: ``entropy`` (learning-free), ``learned`` (needs
             ``aggregator``), ``random``, ``displacement``.
         aggregate: ``mean``, ``entropy`` or ``attention`` (needs ``aggregator``).
@@ -409,12 +439,25 @@ def wrap(
             the chosen state at once, fewer steps but the criterion only acts once the
             first state's neighbours are used up), ``max_batch`` (states
             per forward), ``seed``, ``split``, ``return_details`` (return
-            ``(logits, Details)``).
+            ``(logits, Details)``), ``prior`` (``(L, R)`` neighbour order, see
+            :func:`undiscard.search.greedy_search`), ``policy`` (a fixed list of states
+            evaluated for every image instead of a search; ``budget`` of them).
+        config: a configuration written by ``undiscard fit`` for this model (refused,
+            :class:`~undiscard.errors.ConfigError`, for any other model): it sets the
+            budget, criterion, aggregation and search options, so pass none of them.
 
     Returns:
         An :class:`Undiscard` module; call it like ``model``.
     """
-    return Undiscard(model, budget, criterion, aggregate, **kwargs)
+    if config is not None:
+        from undiscard.config import WRAP_KEYS, wrap_kwargs
+
+        given = dict(kwargs, budget=budget, criterion=criterion, aggregate=aggregate)
+        clash = sorted(k for k in WRAP_KEYS if given.get(k) is not None)
+        if clash:
+            raise OptionError(f"{', '.join(clash)} come from the configuration {config}; do not pass them too")
+        return Undiscard(model, **{**wrap_kwargs(config, model), **kwargs})
+    return Undiscard(model, 8 if budget is None else budget, criterion or "entropy", aggregate or "entropy", **kwargs)
 
 
 def budgets_from(text: str | Sequence[int]) -> list[int]:

@@ -35,7 +35,8 @@ __all__ = ["LoadedModel", "load_model", "save_checkpoint", "SPEC_FORMS"]
 
 SPEC_FORMS = (
     "accepted model specs: 'timm:NAME' (e.g. timm:resnet50), 'torchvision:NAME' "
-    "(e.g. torchvision:resnet18), or the path of an existing .safetensors checkpoint "
+    "(e.g. torchvision:resnet18), 'zoo:NAME' (the project's own small architectures: zoo:fmnist-resnet, "
+    "zoo:fmnist-mobilenet, zoo:fmnist-pvt), or the path of an existing .safetensors checkpoint "
     "(written by undiscard, with 'undiscard.arch' metadata) or .pt/.pth file holding a "
     "whole nn.Module saved with torch.save(model) (loaded only with --trust-pickle / trust_pickle=True)"
 )
@@ -111,6 +112,18 @@ def _import_timm():
             f"timm is not installed ({exc}); install it with: pip install 'undiscard[zoo]'"
         ) from exc
     return timm
+
+
+def _load_zoo_arch(name: str, spec: str, pretrained: bool, num_classes: int | None,
+                   in_chans: int | None) -> LoadedModel:
+    from undiscard import zoo_archs
+
+    if pretrained:
+        raise UndiscardError(f"{spec}: the project's own architectures have no downloadable weights; load a "
+                             "checkpoint trained with `undiscard train-backbone` instead")
+    c = 1 if in_chans is None else int(in_chans)
+    model = zoo_archs.build(name, 10 if num_classes is None else num_classes, c)
+    return LoadedModel(model, spec, (c, zoo_archs.INPUT_SIZE, zoo_archs.INPUT_SIZE), False, _RANDOM_NOTE)
 
 
 def _import_torchvision():
@@ -228,8 +241,9 @@ def _load_safetensors(path: Path, spec: str, num_classes: int | None, in_chans: 
 
         seg = load_segmenter(str(path))
         return LoadedModel(seg.model, spec, seg.input_size, seg.pretrained, seg.note)
-    if arch.startswith(("timm:", "torchvision:")) is False:
-        raise UndiscardError(f"{path}: metadata {_META_ARCH}={arch!r} must be 'timm:NAME' or 'torchvision:NAME'")
+    if arch.startswith(("timm:", "torchvision:", "zoo:")) is False:
+        raise UndiscardError(f"{path}: metadata {_META_ARCH}={arch!r} must be 'timm:NAME', 'torchvision:NAME' or "
+                             "'zoo:NAME'")
     ck_classes = _parse_int(meta, _META_NUM_CLASSES, path)
     ck_chans = _parse_int(meta, _META_IN_CHANS, path)
     for given, stored, what in ((num_classes, ck_classes, "num_classes"), (in_chans, ck_chans, "in_chans")):
@@ -340,6 +354,8 @@ def load_model(
         return _load_timm(spec[len("timm:") :], spec, pretrained, num_classes, in_chans)
     if spec.startswith("torchvision:"):
         return _load_torchvision(spec[len("torchvision:") :], spec, pretrained, num_classes, in_chans)
+    if spec.startswith("zoo:"):
+        return _load_zoo_arch(spec[len("zoo:") :], spec, pretrained, num_classes, in_chans)
 
     path = Path(os.path.expanduser(spec))
     if path.is_file():
@@ -384,8 +400,8 @@ def save_checkpoint(
         from safetensors.torch import save_model
     except ImportError as exc:
         raise UndiscardError(f"saving checkpoints needs safetensors ({exc}); pip install 'undiscard[zoo]'") from exc
-    if not arch.startswith(("timm:", "torchvision:")):
-        raise UndiscardError(f"arch must be 'timm:NAME' or 'torchvision:NAME', got {arch!r}")
+    if not arch.startswith(("timm:", "torchvision:", "zoo:")):
+        raise UndiscardError(f"arch must be 'timm:NAME', 'torchvision:NAME' or 'zoo:NAME', got {arch!r}")
     size = tuple(int(v) for v in input_size)
     if len(size) != 3:
         raise UndiscardError(f"input_size must be (C, H, W), got {input_size!r}")

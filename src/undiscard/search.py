@@ -111,6 +111,7 @@ def greedy_search(
     width: int | None = None,
     seeds: list[int] | None = None,
     seed: int = 0,
+    prior: torch.Tensor | None = None,
 ) -> SearchResult:
     """Search ``budget`` states per image.
 
@@ -132,6 +133,10 @@ def greedy_search(
             budgets are prefixes.
         seed: used only without ``seeds``: image ``i`` then draws from
             ``seed * 1_000_003 + i``, which ties the result to the image's position.
+        prior: ``(L, R)`` usefulness of offset ``k`` at searchable site ``j`` (for
+            example fitted on validation by :func:`undiscard.fit.site_prior`); the
+            neighbours of the chosen state are then taken in descending prior of the
+            offset they change (ties in the image's random order) instead of a random order.
 
     Raises:
         StateError: a budget outside ``1..space_size``, or a missing ``score``.
@@ -163,7 +168,20 @@ def greedy_search(
             return (-sites.displacement(states).double().norm(dim=1)).tolist()
         return score(outputs, states).double().tolist()
 
+    if prior is not None:
+        prior = torch.as_tensor(prior, dtype=torch.float64)
+        need_r = max(s.num_offsets for s in sites.searchable_sites) if L else 0
+        if prior.dim() != 2 or prior.shape[0] != L or prior.shape[1] < need_r:
+            raise StateError(f"prior must be (searchable sites, offsets) = ({L}, {need_r}); "
+                             f"got {tuple(prior.shape)}")
+
     def order(i: int, cands: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        if prior is not None:
+            perm = torch.randperm(len(cands), generator=gens[i]).tolist()
+            cands = [cands[j] for j in perm]
+            base = evaluated[i][expanding[i]]
+            key = [float(prior[j, c[j]]) for c in cands for j in range(L) if c[j] != base[j]]
+            return [cands[j] for j in sorted(range(len(cands)), key=lambda j: -key[j])]
         if criterion == "displacement":
             d = sites.displacement(torch.tensor(cands, dtype=torch.long).reshape(len(cands), L)).double().norm(dim=1)
             return [cands[j] for j in torch.argsort(d, stable=True).tolist()]
@@ -175,6 +193,7 @@ def greedy_search(
     prom: list[list[float]] = [[] for _ in range(n_images)]
     outs: list[list[torch.Tensor]] = [[] for _ in range(n_images)]
     exhausted: list[set[int]] = [set() for _ in range(n_images)]  # nodes whose neighbours are all evaluated
+    expanding = [0] * n_images  # the node whose neighbours are being ordered
 
     def run(img: list[int], sts: list[tuple[int, ...]]) -> None:
         st = torch.tensor(sts, dtype=torch.long).reshape(len(sts), L)
@@ -199,6 +218,7 @@ def greedy_search(
                 if not fresh:
                     exhausted[i].add(node)
                     continue
+                expanding[i] = node
                 take = order(i, fresh)[: min(need, width or need)]
                 for st in take:
                     seen[i][st] = len(evaluated[i])

@@ -102,6 +102,8 @@ class Recipe:
     label_smoothing: float = 0.1
     warmup: float = 0.05
     seed: int = 0
+    augment: str = "crop"
+    offset_augment: float = 0.0
 
 
 def _lr_at(step: int, total: int, recipe: Recipe) -> float:
@@ -110,6 +112,46 @@ def _lr_at(step: int, total: int, recipe: Recipe) -> float:
         return recipe.lr * (step + 1) / warm
     t = (step - warm) / max(1, total - warm)
     return recipe.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+AUGMENTS = ("crop", "shift")
+
+
+def shift_augment(images: torch.Tensor, size: int, in_chans: int, gen: torch.Generator,
+                  max_shift: int = 3) -> torch.Tensor:
+    """A batch of uint8 ``(B, H, W)`` images -> augmented model input ``(B, in_chans, size, size)``.
+
+    Each image is translated by a random whole number of its own pixels in
+    ``[-max_shift, max_shift]`` per axis (zero background shifted in) and flipped
+    horizontally with probability 1/2, then resized and normalised exactly as the
+    evaluation images are (:func:`undiscard.data.fashion_mnist_tensors`). All draws come
+    from ``gen``, so a step's batch is a function of the seed and the step (resumable).
+    """
+    from undiscard.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, _resize
+
+    b, h, w = images.shape
+    x = images.float().div_(255.0)
+    padded = torch.nn.functional.pad(x, (max_shift, max_shift, max_shift, max_shift))
+    dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=gen)
+    dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=gen)
+    flip = torch.rand(b, generator=gen) < 0.5
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]
+    out = padded[torch.arange(b)[:, None, None], rows, cols]
+    out = torch.where(flip[:, None, None], out.flip(-1), out)
+    out = _resize(out[:, None], size)
+    out = (out - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+    return out.expand(b, in_chans, size, size).contiguous()
+
+
+def random_states(sites, batch: int, p: float, gen: torch.Generator) -> torch.Tensor:
+    """``(batch, L)`` states for offset-augmented training: each sample, with probability
+    ``p``, gets a state drawn uniformly from the whole space of the searchable sites (the
+    default state included); the others get the default state."""
+    cols = [torch.randint(0, site.num_offsets, (batch,), generator=gen) for site in sites.searchable_sites]
+    states = torch.stack(cols, 1) if cols else torch.zeros(batch, 0, dtype=torch.long)
+    keep = torch.rand(batch, generator=gen) < p
+    return torch.where(keep[:, None], states, torch.zeros_like(states))
 
 
 @torch.no_grad()
@@ -129,12 +171,15 @@ def train_backbone(
     half: bool = True,
     save_every: int = 50,
     fresh: bool = False,
+    channels_last: bool = True,
     log=print,
 ) -> dict:
     """Train ``recipe.arch`` on Fashion-MNIST and write ``out`` (.safetensors). Returns the summary.
 
     An ``out`` already trained with ``recipe`` is not trained again (its summary is
     returned); one trained with another recipe is refused unless ``fresh``.
+    ``channels_last`` runs the convolutions in NHWC memory layout (faster on CPU; the
+    weights are the same up to float rounding).
     """
     from undiscard.data import TensorImageDataset, fashion_mnist_tensors, load_fashion_mnist
     from undiscard.models import load_model, save_checkpoint
@@ -144,6 +189,10 @@ def train_backbone(
         raise UndiscardError(f"the output must be a .safetensors path, got {str(out)!r}")
     if recipe.epochs <= 0 or recipe.batch_size < 1 or recipe.lr <= 0:
         raise UndiscardError(f"epochs, batch size and lr must be positive: {recipe}")
+    if recipe.augment not in AUGMENTS:
+        raise UndiscardError(f"augment must be one of {', '.join(AUGMENTS)}; got {recipe.augment!r}")
+    if not 0.0 <= recipe.offset_augment <= 1.0:
+        raise UndiscardError(f"--offset-augment is a probability in [0, 1]; got {recipe.offset_augment}")
     resume_path = out.with_name(out.name + ".resume.safetensors")
     done = prepare_output(out, resume_path, asdict(recipe), fresh, log)
     if done is not None:
@@ -155,6 +204,16 @@ def train_backbone(
     images, labels = load_fashion_mnist(root, "train")
     ds = TensorImageDataset(images, labels, size=recipe.size, in_chans=recipe.in_chans, train=True)
     n = len(ds)
+    sites = None
+    if recipe.offset_augment > 0:
+        from undiscard.sites import find_sites
+
+        sites = find_sites(model.eval(), torch.zeros(1, recipe.in_chans, recipe.size, recipe.size))
+        if not sites.searchable:
+            raise UndiscardError(f"{recipe.arch} has no searchable sites at {recipe.size} px: nothing to "
+                                 "offset-augment")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     steps_per_epoch = n // recipe.batch_size
     total = max(1, int(round(recipe.epochs * steps_per_epoch)))
     decay, no_decay = [], []
@@ -164,18 +223,20 @@ def train_backbone(
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=recipe.lr,
     )
-    step, losses = 0, []
+    step, losses, train_seconds = 0, [], 0.0
     if resume_path.exists():
         ck = load_resume(resume_path, asdict(recipe))
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         step, losses = ck["step"], ck["losses"]
+        train_seconds = float(ck.get("seconds", 0.0))
         torch.set_rng_state(ck["rng"])
         log(f"resuming {out} at step {step}/{total}")
 
     def save_resume() -> None:
         save_state({"recipe": asdict(recipe), "model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "losses": losses, "rng": torch.get_rng_state()}, resume_path, RESUME_KIND)
+                    "losses": losses, "rng": torch.get_rng_state(),
+                    "seconds": train_seconds + time.perf_counter() - t0}, resume_path, RESUME_KIND)
 
     crit = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     t0 = time.perf_counter()
@@ -188,13 +249,27 @@ def train_backbone(
             for b in range(step % steps_per_epoch, steps_per_epoch):
                 if step >= total:
                     break
-                idx = perm[b * recipe.batch_size : (b + 1) * recipe.batch_size].tolist()
-                items = [ds[i] for i in idx]
-                x = torch.stack([it[0] for it in items])
-                y = torch.tensor([it[1] for it in items])
+                idx = perm[b * recipe.batch_size : (b + 1) * recipe.batch_size]
+                gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
+                if recipe.augment == "shift":
+                    x = shift_augment(images[idx], recipe.size, recipe.in_chans, gen)
+                    y = labels[idx]
+                else:
+                    items = [ds[i] for i in idx.tolist()]
+                    x = torch.stack([it[0] for it in items])
+                    y = torch.tensor([it[1] for it in items])
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(step, total, recipe)
-                loss = crit(model(x), y)
+                if sites is not None:
+                    from undiscard.engine import run_states
+
+                    states = random_states(sites, x.shape[0], recipe.offset_augment, gen)
+                    logits = run_states(model, x, states, sites, allow_train=True)
+                else:
+                    logits = model(x)
+                loss = crit(logits, y)
                 if not torch.isfinite(loss):
                     raise UndiscardError(f"loss became {float(loss)} at step {step}; lower --lr")
                 opt.zero_grad(set_to_none=True)
@@ -211,9 +286,11 @@ def train_backbone(
         save_resume()
         raise UndiscardError(f"interrupted at step {step}/{total}; run the same command again to resume") from None
     save_resume()
+    model = model.to(memory_format=torch.contiguous_format)
     xv, yv = fashion_mnist_tensors("val", recipe.size, recipe.in_chans, root)
     val_acc = evaluate_accuracy(model, xv, yv)
-    summary = {"recipe": asdict(recipe), "steps": total, "val_top1": val_acc, "final_loss": losses[-1]}
+    summary = {"recipe": asdict(recipe), "steps": total, "val_top1": val_acc, "final_loss": losses[-1],
+               "train_seconds": round(train_seconds + time.perf_counter() - t0, 1)}
     meta = {"undiscard.recipe": json.dumps(asdict(recipe)), "undiscard.val_top1": f"{val_acc:.4f}",
             "undiscard.dataset": "fashion-mnist"}
     save_checkpoint(model, out, arch=recipe.arch, num_classes=10, in_chans=recipe.in_chans,
