@@ -143,6 +143,8 @@ def cmd_eval(args) -> int:
         return cmd_eval_segmentation(args)
     if args.image_tta != "none":
         return _cmd_eval_image_tta(args)
+    if args.config or args.consistency:
+        return _cmd_eval_paired(args)
     from undiscard.evaluate import EvalConfig, format_table, plot, run_eval
     from undiscard.method import AGGREGATES, budgets_from
     from undiscard.search import CRITERIA
@@ -176,6 +178,106 @@ def cmd_eval(args) -> int:
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         print(f"wrote {plot(result, args.plot)}", file=sys.stderr)
+    return 0
+
+
+def cmd_fit(args) -> int:
+    from undiscard.config import save_config
+    from undiscard.evaluate import _progress, load_data
+    from undiscard.fit import LEARNING_FREE, fit, state_table
+    from undiscard.models import load_model
+
+    _check_outputs(("--out", args.out))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.max_cost < 1:
+        raise UndiscardError(f"--max-cost is in plain forwards, at least 1; got {args.max_cost}")
+    if not 0 < args.alpha < 1:
+        raise UndiscardError(f"--alpha is a significance level in (0, 1); got {args.alpha}")
+    loaded = load_model(args.model, trust_pickle=args.trust_pickle)
+    x, y, data_name = load_data(args.data, loaded.input_size, args.limit, skip_corrupt=args.skip_corrupt)
+    searchable = _parse_searchable(args.searchable)
+    bar = _progress(x.shape[0], "state table")
+    table = state_table(loaded.model, x, searchable=searchable, batch=args.batch_size, progress=bar.update)
+    bar.close()
+    res = fit(table, y, args.max_cost, alpha=args.alpha, seed=args.seed, searchable=searchable,
+              criteria=LEARNING_FREE)
+    save_config(args.out, {"model": args.model, "data": data_name, "input_size": list(loaded.input_size),
+                           "sites": list(table.sites.searchable), **res}, loaded.model)
+    v = res["validation"]
+    print(f"{args.model} on {data_name} ({v['images']} images), cost cap {args.max_cost} plain forwards")
+    print(f"  plain top-1 {v['plain_top1']:.2f}; best candidate: {v['best_candidate']}")
+    print(f"  {v['decision']}")
+    print(f"  chosen: {res['name']} (cost {res['cost']})")
+    print(f"wrote {args.out}: apply it with undiscard.wrap(model, config={args.out!r}) or "
+          f"`undiscard eval {args.model} --config {args.out}`", file=sys.stderr)
+    return 0
+
+
+def _cmd_eval_paired(args) -> int:
+    """``eval --config`` / ``--consistency``: one configuration against the plain model."""
+    from undiscard.evaluate import _median_time, _progress, load_data
+    from undiscard.method import budgets_from, wrap
+    from undiscard.models import load_model
+    from undiscard.paired import consistency, paired_report, predict
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, trust_pickle=args.trust_pickle)
+    model = loaded.model
+    if args.config:
+        ours = wrap(model, config=args.config, max_batch=args.max_batch)
+        what = f"config {args.config}"
+    else:
+        budgets, crit, agg = budgets_from(args.budget), _csv(args.criterion), _csv(args.aggregate or "entropy")
+        if len(budgets) != 1 or len(crit) != 1 or len(agg) != 1:
+            raise UndiscardError("--consistency without --config compares ONE configuration with the plain model: "
+                                 "give one --budget, one --criterion and one --aggregate (or --config PATH)")
+        ours = wrap(model, budgets[0], crit[0], agg[0], aggregator=args.aggregator, width=args.width or None,
+                    searchable=_parse_searchable(args.searchable), max_batch=args.max_batch, seed=args.seed)
+        what = f"budget {budgets[0]}, {crit[0]} search, {agg[0]} aggregation"
+    x, y, data_name = load_data(args.data, loaded.input_size, args.limit, args.start, skip_corrupt=args.skip_corrupt)
+    bar = _progress(2 * x.shape[0], "plain + configured")
+    plain_logits = predict(model, x, args.batch_size, bar.update)
+    ours_logits = predict(ours, x, args.batch_size, bar.update)
+    bar.close()
+    val = {}
+    if args.calibration_val:
+        xv, yv, _ = load_data(args.calibration_val, loaded.input_size, None)
+        val = {"val_plain": predict(model, xv, args.batch_size), "val_ours": predict(ours, xv, args.batch_size),
+               "val_y": yv}
+    rep = paired_report(ours_logits, plain_logits, y, seed=args.seed, **val)
+    xt = x[: args.timing_images]
+    with torch.no_grad():
+        t_plain, t_ours = _median_time(lambda: model(xt), args.repeats), _median_time(lambda: ours(xt), args.repeats)
+    rep["time_ratio"] = t_ours / t_plain
+    if args.consistency:
+        bar = _progress(x.shape[0], "shift consistency")
+        same = consistency({"plain": model, "ours": ours}, x, args.consistency, batch=args.batch_size,
+                           seed=args.seed, progress=bar.update)
+        bar.close()
+        rep["consistency"] = {"max_shift": args.consistency, "plain": 100 * float(same["plain"].double().mean()),
+                              "ours": 100 * float(same["ours"].double().mean())}
+    rep.update(model=args.model, data=data_name, configuration=what)
+    print(f"{args.model} on {data_name} ({rep['images']} images): {what}")
+    print(f"  top-1   plain {rep['plain_top1']:.2f}   ours {rep['top1']:.2f}   gain {rep['gain']:+.2f} "
+          f"[{rep['lo']:+.2f}, {rep['hi']:+.2f}] (95% paired bootstrap), McNemar p = {rep['p']:.3g} "
+          f"({rep['wins']} wins, {rep['losses']} losses)")
+    pc, oc = rep["plain_calibration"], rep["calibration"]
+    print(f"  NLL     plain {pc['nll']:.4f}   ours {oc['nll']:.4f}" +
+          (f"   after temperature scaling: plain {pc['nll_ts']:.4f}   ours {oc['nll_ts']:.4f}" if "nll_ts" in oc else ""))
+    print(f"  ECE     plain {pc['ece']:.4f}   ours {oc['ece']:.4f}" +
+          (f"   after temperature scaling: plain {pc['ece_ts']:.4f}   ours {oc['ece_ts']:.4f}" if "ece_ts" in oc else ""))
+    print(f"  time    {rep['time_ratio']:.2f}x the plain forward (median of {args.repeats}, {xt.shape[0]} images)")
+    if "consistency" in rep:
+        c = rep["consistency"]
+        print(f"  shift consistency (two random shifts of up to {c['max_shift']} px): plain {c['plain']:.2f}%   "
+              f"ours {c['ours']:.2f}%")
+    if args.json:
+        _check_outputs(("--json", args.json))
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rep, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
 
@@ -404,6 +506,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timing-images", type=int, default=32, help="images the cost is measured on (default 32)")
     sp.add_argument("--repeats", type=int, default=3, help="timing repeats, the median is reported (default 3)")
     sp.add_argument("--single-states", action="store_true", help="also the accuracy of every one-site state")
+    sp.add_argument("--config", default=None, metavar="PATH",
+                    help="evaluate the configuration `undiscard fit` wrote for this model against the plain model "
+                         "(gain with 95%% interval, McNemar test, NLL / ECE, time)")
+    sp.add_argument("--consistency", type=int, default=None, metavar="N",
+                    help="also the shift consistency: the share of images predicted the same under two random "
+                         "shifts of up to N pixels (plain vs the configuration)")
+    sp.add_argument("--calibration-val", default=None, metavar="DATA",
+                    help="with --config / --consistency: validation data to fit each predictor's temperature on, "
+                         "for NLL and ECE after temperature scaling (e.g. fashion-mnist:val)")
     sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     sp.add_argument("--json", default=None,
                     help="write results here; progress is saved per shard as it completes and a rerun of the same "
@@ -524,6 +635,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help="delete the resume file, an existing --out and its JSON summary first (an --out of the same "
                          "recipe is otherwise kept, one of another recipe refused)")
     sp.set_defaults(func=cmd_train_segmenter)
+
+    sp = sub.add_parser("fit", help="choose the configuration (search, budget, aggregation, or plain) on validation "
+                                    "data within a cost cap; write it as JSON",
+                        description="Choose, on the model's validation data, the configuration that maximises "
+                                    "validated top-1 within --max-cost plain forwards; the plain model unless the "
+                                    "gain is significant on validation. Writes a JSON config that "
+                                    "undiscard.wrap(model, config=PATH) and `undiscard eval --config PATH` apply.")
+    sp.add_argument("model", help="a checkpoint (.safetensors), zoo:NAME, timm:NAME or torchvision:NAME")
+    sp.add_argument("--data", default="fashion-mnist:val", help="validation data: fashion-mnist:val (default) or an "
+                                                                "image folder")
+    sp.add_argument("--out", required=True, help="the configuration to write (.json)")
+    sp.add_argument("--max-cost", type=int, default=4, help="at most this many states per image (default 4)")
+    sp.add_argument("--searchable", default="inner", help="sites searched: inner (default), main, all, or 1,2,3")
+    sp.add_argument("--alpha", type=float, default=0.05, help="significance level of the gain over plain (0.05)")
+    sp.add_argument("--limit", type=int, default=None, help="use the first N validation images")
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    trust_arg(sp)
+    corrupt_arg(sp)
+    sp.set_defaults(func=cmd_fit)
 
     sp = sub.add_parser("fit-policy", help="fit dataset-level state lists on the val split; compare with per-image search")
     sp.add_argument("model", help="a checkpoint (.safetensors) trained on Fashion-MNIST")
