@@ -7,13 +7,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-EPOCHS="${EPOCHS:-6}"
-COMMON=(--size 64 --epochs "$EPOCHS" --batch-size 256 --lr 2e-3 --augment shift --threads "${THREADS:-0}")
+COMMON=(--size 64 --batch-size 256 --lr 2e-3 --augment shift --threads "${THREADS:-0}")
 declare -A ARCH=([resnet-s0]=fmnist-resnet [resnet-s1]=fmnist-resnet [resnet-s2]=fmnist-resnet
                  [mobilenet]=fmnist-mobilenet [pvt]=fmnist-pvt [resnet-offaug]=fmnist-resnet)
-declare -A EXTRA=([resnet-s0]="--seed 0" [resnet-s1]="--seed 1" [resnet-s2]="--seed 2" [mobilenet]="--seed 0"
-                  [pvt]="--seed 0" [resnet-offaug]="--seed 0 --offset-augment 0.5")
-ORDER=(resnet-s0 mobilenet pvt resnet-offaug resnet-s1 resnet-s2)
+declare -A EXTRA=([resnet-s0]="--epochs 8 --seed 0" [resnet-s1]="--epochs 8 --seed 1" [resnet-s2]="--epochs 8 --seed 2"
+                  [mobilenet]="--epochs 6 --seed 0" [pvt]="--epochs 6 --seed 0"
+                  [resnet-offaug]="--epochs 8 --seed 0 --offset-augment 0.5")
+ORDER=(mobilenet resnet-s0 pvt resnet-offaug resnet-s1 resnet-s2)
 NAMES=("$@"); [[ ${#NAMES[@]} -gt 0 ]] || NAMES=("${ORDER[@]}")
 for name in "${NAMES[@]}"; do
   [[ -n "${ARCH[$name]:-}" ]] || { echo "unknown zoo model $name; known: ${ORDER[*]}" >&2; exit 2; }

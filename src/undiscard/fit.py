@@ -54,7 +54,7 @@ from undiscard.search import greedy_search, image_seeds
 from undiscard.sites import SiteMap, find_sites
 from undiscard.stats import compare
 
-__all__ = ["StateTable", "state_table", "table_search", "aggregate_logits", "site_prior", "fit_table_policy",
+__all__ = ["StateTable", "state_table", "table_search", "replay", "aggregate_logits", "site_prior", "fit_table_policy",
            "Candidate", "candidates", "fit", "MAX_TABLE_SPACE"]
 
 #: the largest search space whose table is computed (states per image)
@@ -167,6 +167,34 @@ def table_search(table: StateTable, budget: int, criterion: str = "entropy", *, 
     res = greedy_search(evaluate, n, table.sites, budget, criterion, score=score, width=width,
                         seeds=table.seeds, prior=prior)
     return res.outputs[..., 1].reshape(n, budget)
+
+
+def replay(table: StateTable, wrap: dict) -> torch.Tensor:
+    """The logits ``(N, K)`` that ``undiscard.wrap(model, **wrap)`` gives on the table's images.
+
+    ``wrap`` holds learning-free settings only (``budget``, ``criterion``, ``aggregate``,
+    ``width``, ``prior``, ``policy``) over the table's searchable sites; unset ones take
+    the wrapper's defaults.
+    """
+    import inspect
+
+    from undiscard.method import Undiscard
+
+    defaults = {k: v.default for k, v in inspect.signature(Undiscard.__init__).parameters.items()
+                if v.default is not inspect.Parameter.empty}
+    cfg = {**defaults, **wrap}
+    b, agg = int(cfg["budget"]), cfg["aggregate"]
+    n = table.logits.shape[0]
+    if b == 1:
+        return table.logits[:, 0]
+    if cfg.get("policy") is not None:
+        index = table.index()
+        idx = torch.tensor([index[tuple(s)] for s in cfg["policy"][:b]]).expand(n, -1)
+    else:
+        prior = cfg.get("prior")
+        idx = table_search(table, b, cfg["criterion"], width=cfg["width"],
+                           prior=None if prior is None else torch.as_tensor(prior, dtype=torch.float64))
+    return aggregate_logits(table.logits.gather(1, idx[..., None].expand(-1, -1, table.logits.shape[-1])), agg)
 
 
 def _nll(lg: torch.Tensor, y: torch.Tensor) -> float:

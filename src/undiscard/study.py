@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from undiscard.fit import StateTable, aggregate_logits, fit, fit_table_policy, site_prior, state_table, table_search
+from undiscard.fit import (StateTable, aggregate_logits, fit, fit_table_policy, replay, site_prior, state_table,
+                           table_search)
 from undiscard.stats import compare
 
 BUDGETS_TEST = (2, 4, 8, 16)
@@ -141,7 +142,7 @@ def paired_correct(tt: StateTable, yt, a: tuple[str, str], b: tuple[str, str], b
 
 def run(name: str, ckpt: str, out: Path, cache: Path, *, shift: int = 8, ablations: bool = False,
         main_images: int = 1000, aggregator: str | None = None, config_out: Path | None = None,
-        test_limit: int | None = None, val_limit: int | None = None) -> dict:
+        test_limit: int | None = None, val_limit: int | None = None, consistency_images: int = 2000) -> dict:
     from undiscard.config import save_config
     from undiscard.data import fashion_mnist_tensors
     from undiscard.evaluate import _median_time
@@ -166,6 +167,13 @@ def run(name: str, ckpt: str, out: Path, cache: Path, *, shift: int = 8, ablatio
     result["sites"] = {"searchable": list(tt.sites.searchable), "space": int(tt.states.shape[0]),
                        "all": tt.sites.as_dicts()}
     result["val_top1"], result["test_top1"] = _top1(tv.logits[:, 0], yv), _top1(tt.logits[:, 0], yt)
+    with torch.no_grad():
+        result["final_map"] = list(model.forward_features(xt[:1]).shape[-2:])
+    result["input_size"] = list(loaded.input_size)
+    result["params"] = sum(p.numel() for p in model.parameters())
+    summary = Path(ckpt).with_suffix(".json")
+    if summary.exists():
+        result["training"] = json.loads(summary.read_text())
 
     _log(f"{name}: search comparison on validation")
     result["search_val"] = search_on_validation(tv, yv)
@@ -181,11 +189,16 @@ def run(name: str, ckpt: str, out: Path, cache: Path, *, shift: int = 8, ablatio
     ours = wrap(model, config=config_out)
     default = wrap(model, **DEFAULT_WRAP)
     _log(f"{name}: the fitted configuration on test ({fitted['name']})")
-    plain_t, plain_v = predict(model, xt), predict(model, xv)
-    ours_t, ours_v = predict(ours, xt, 128), predict(ours, xv, 128)
-    head = paired_report(ours_t, plain_t, yt, val_ours=ours_v, val_plain=plain_v, val_y=yv)
-    dflt_t, dflt_v = predict(default, xt, 128), predict(default, xv, 128)
-    dflt = paired_report(dflt_t, plain_t, yt, val_ours=dflt_v, val_plain=plain_v, val_y=yv)
+    plain_t, plain_v = tt.logits[:, 0], tv.logits[:, 0]
+    ours_t = predict(ours, xt, 128)  # the product path, end to end
+    replayed = replay(tt, fitted["wrap"])
+    check = {"same_prediction": float((replayed.argmax(1) == ours_t.argmax(1)).double().mean()),
+             "max_abs_logit_diff": float((replayed - ours_t).abs().max())}
+    _log(f"  wrapper vs table replay on test: {check}")
+    head = paired_report(ours_t, plain_t, yt, val_ours=replay(tv, fitted["wrap"]), val_plain=plain_v, val_y=yv)
+    head["wrapper_vs_replay"] = check
+    dflt = paired_report(replay(tt, DEFAULT_WRAP), plain_t, yt, val_ours=replay(tv, DEFAULT_WRAP), val_plain=plain_v,
+                         val_y=yv)
     xb = xt[:256]
     with torch.no_grad():
         tp = _median_time(lambda: model(xb), 5)
@@ -197,9 +210,9 @@ def run(name: str, ckpt: str, out: Path, cache: Path, *, shift: int = 8, ablatio
     result["default"] = {"wrap": DEFAULT_WRAP, "test": dflt}
 
     _log(f"{name}: shift consistency (up to {shift} px)")
-    same = consistency({"plain": model, "fitted": ours, "default": default}, xt, shift)
+    same = consistency({"plain": model, "fitted": ours, "default": default}, xt[:consistency_images], shift)
     plain_same = same["plain"]
-    result["consistency"] = {"max_shift": shift, **{k: 100 * float(v.double().mean()) for k, v in same.items()},
+    result["consistency"] = {"max_shift": shift, "images": int(plain_same.numel()), **{k: 100 * float(v.double().mean()) for k, v in same.items()},
                              "fitted_vs_plain": compare(same["fitted"], plain_same),
                              "default_vs_plain": compare(same["default"], plain_same)}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -249,39 +262,80 @@ def run(name: str, ckpt: str, out: Path, cache: Path, *, shift: int = 8, ablatio
 
         agg = load_aggregator(aggregator, model)
         plain_c = plain_t.argmax(1) == yt
-        rows = {}
-        for crit, aggname, b in (("entropy", "attention", 4), ("entropy", "attention", 8), ("learned", "attention", 4),
-                                 ("learned", "attention", 8), ("learned", "entropy", 4), ("entropy", "entropy", 4)):
-            w = wrap(model, b, crit, aggname, aggregator=agg)
-            lg = predict(w, xt, 128)
-            rows[f"{crit} search, {aggname} B={b}"] = {"top1": _top1(lg, yt), **compare(lg.argmax(1) == yt, plain_c)}
+        ref = replay(tt, {"budget": 8, "criterion": "entropy", "aggregate": "entropy", "width": 1}).argmax(1) == yt
+        rows = {"entropy search, entropy B=8 (reference)": {"top1": 100 * float(ref.double().mean()),
+                                                            **compare(ref, plain_c)}}
+        for crit, aggname in (("entropy", "attention"), ("learned", "entropy"), ("learned", "attention")):
+            lg = predict(wrap(model, 8, crit, aggname, aggregator=agg, width=1), xt, 128)
+            c_ = lg.argmax(1) == yt
+            rows[f"{crit} search, {aggname} B=8"] = {"top1": _top1(lg, yt), **compare(c_, plain_c),
+                                                     "vs_reference": compare(c_, ref)}
         # the control: the aggregator's correction of the default state's map alone
         w1 = wrap(model, 2, "entropy", "attention", aggregator=agg)
 
         def control(x):
             found = w1.search(x, budget=1)
-            feats, cells = found.features[:, :1], found.cells[:, :1]
-            a, _ = agg(feats, cells)
-            return w1.split.head(w1._from_positions(a, found.grid))
+            a_, _ = agg(found.features[:, :1], found.cells[:, :1])
+            return w1.split.head(w1._from_positions(a_, found.grid))
 
         lg = predict(control, xt, 128)
         rows["control: attention on the default state alone"] = {"top1": _top1(lg, yt),
                                                                   **compare(lg.argmax(1) == yt, plain_c)}
         result["learned"] = {"aggregator": aggregator, "rows": rows}
         out.write_text(json.dumps(result, indent=2) + "\n")
+    result["complete"] = True
+    out.write_text(json.dumps(result, indent=2) + "\n")
     _log(f"{name}: wrote {out}")
     return result
+
+
+def offset_augment_study(aug: str, base: str, out: Path, cache: Path, *, variant: str,
+                         aggregate: str = "entropy") -> dict:
+    """Offset-augmented training (``aug``) against the same architecture trained normally (``base``).
+
+    Uses the test tables of both (``cache/aug`` and ``cache/base``, from :func:`run`): both
+    plain models, and each with ``variant`` / ``aggregate`` (the validated default) at
+    budgets 2, 4, 8, every number against the normally trained plain model.
+    """
+    from undiscard.data import fashion_mnist_tensors
+    from undiscard.models import load_model
+
+    res: dict = {"aug": aug, "base": base, "variant": variant, "aggregate": aggregate, "rows": {}}
+    tabs = {}
+    for key, name in (("aug", aug), ("base", base)):
+        loaded = load_model(f"zoo/fmnist-{name}.safetensors")
+        c, h, _ = loaded.input_size
+        xt, yt = fashion_mnist_tensors("test", h, c)
+        xv, yv = fashion_mnist_tensors("val", h, c)
+        tabs[key] = (cached_table(cache / name / "test_inner.safetensors", loaded.model, xt),
+                     cached_table(cache / name / "val_inner.safetensors", loaded.model, xv))
+    base_plain = tabs["base"][0].logits[:, 0].argmax(1) == yt
+    for key in ("base", "aug"):
+        tt, tv = tabs[key]
+        res["rows"][f"{key} plain"] = {"top1": _top1(tt.logits[:, 0], yt),
+                                       **compare(tt.logits[:, 0].argmax(1) == yt, base_plain)}
+        idx = variant_indices(tt, tv, yv, 8)[variant]
+        for b in (2, 4, 8):
+            c_ = aggregate_logits(_gather(tt, idx[:, :b]), aggregate).argmax(1) == yt
+            res["rows"][f"{key} B={b}"] = {"top1": 100 * float(c_.double().mean()), **compare(c_, base_plain)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    _log(f"offset augmentation: wrote {out}")
+    return res
 
 
 def main(argv=None) -> int:
     import undiscard  # noqa: F401  (the torchvision guard before timm)
 
     p = argparse.ArgumentParser(prog="python -m undiscard.study", description=__doc__.splitlines()[0])
-    p.add_argument("name")
-    p.add_argument("checkpoint")
+    p.add_argument("name", help="the model's name in the results (or 'offset-augment')")
+    p.add_argument("checkpoint", help="its checkpoint (for offset-augment: AUG_NAME,BASE_NAME)")
+    p.add_argument("--variant", default="entropy, width 1, random order",
+                   help="offset-augment: the search variant (a key of VARIANTS)")
     p.add_argument("--out", required=True)
     p.add_argument("--cache", default="runs/study")
-    p.add_argument("--shift", type=int, default=8)
+    p.add_argument("--shift", type=int, default=8, help="largest shift of the consistency metric, pixels (8)")
+    p.add_argument("--consistency-images", type=int, default=2000, help="first N test images for consistency")
     p.add_argument("--ablations", action="store_true")
     p.add_argument("--main-images", type=int, default=1000)
     p.add_argument("--aggregator", default=None)
@@ -292,9 +346,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.name == "offset-augment":
+        aug, base = a.checkpoint.split(",")
+        offset_augment_study(aug, base, Path(a.out), Path(a.cache), variant=a.variant)
+        return 0
     run(a.name, a.checkpoint, Path(a.out), Path(a.cache), shift=a.shift, ablations=a.ablations,
         main_images=a.main_images, aggregator=a.aggregator, config_out=Path(a.config_out) if a.config_out else None,
-        test_limit=a.test_limit, val_limit=a.val_limit)
+        test_limit=a.test_limit, val_limit=a.val_limit, consistency_images=a.consistency_images)
     return 0
 
 

@@ -33,7 +33,7 @@ __all__ = ["ARCHS", "build", "names"]
 def _resnet(num_classes: int, in_chans: int) -> nn.Module:
     from timm.models.resnet import BasicBlock, ResNet
 
-    return ResNet(BasicBlock, layers=(1, 1, 1, 1), channels=(16, 32, 64, 96), stem_width=16, in_chans=in_chans,
+    return ResNet(BasicBlock, layers=(1, 1, 1, 1), channels=(24, 48, 96, 128), stem_width=24, in_chans=in_chans,
                   num_classes=num_classes, output_stride=16)
 
 
