@@ -310,6 +310,7 @@ def offset_augment_study(aug: str, base: str, out: Path, cache: Path, *, variant
         tabs[key] = (cached_table(cache / name / "test_inner.safetensors", loaded.model, xt),
                      cached_table(cache / name / "val_inner.safetensors", loaded.model, xv))
     base_plain = tabs["base"][0].logits[:, 0].argmax(1) == yt
+    name_of = {"aug": aug, "base": base}
     for key in ("base", "aug"):
         tt, tv = tabs[key]
         res["rows"][f"{key} plain"] = {"top1": _top1(tt.logits[:, 0], yt),
@@ -318,6 +319,12 @@ def offset_augment_study(aug: str, base: str, out: Path, cache: Path, *, variant
         for b in (2, 4, 8):
             c_ = aggregate_logits(_gather(tt, idx[:, :b]), aggregate).argmax(1) == yt
             res["rows"][f"{key} B={b}"] = {"top1": 100 * float(c_.double().mean()), **compare(c_, base_plain)}
+        cfg_path = Path(f"zoo/fmnist-{name_of[key]}.config.json")
+        if cfg_path.exists():
+            cfg = json.loads(cfg_path.read_text())
+            c_ = replay(tt, cfg["wrap"]).argmax(1) == yt
+            res["rows"][f"{key} fitted ({cfg['name']}, cost {cfg['cost']})"] = {
+                "top1": 100 * float(c_.double().mean()), **compare(c_, base_plain)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     _log(f"offset augmentation: wrote {out}")
