@@ -41,7 +41,7 @@ from undiscard.fit import (StateTable, aggregate_logits, fit, fit_table_policy, 
 from undiscard.stats import compare
 
 BUDGETS_TEST = (2, 4, 8, 16)
-DEFAULT_WRAP = {"budget": 4}  # what the default wrapper is evaluated at (cost cap of the fitted configuration)
+DEFAULT_WRAP = {"budget": 4, "width": None}  # the default wrapper at the fitted configuration's cost cap
 
 
 def _log(msg: str) -> None:
@@ -180,6 +180,9 @@ def run(name: str, ckpt: str, out: Path, cache: Path, *, shift: int = 8, ablatio
     _log(f"{name}: variants on test")
     test_idx = variant_indices(tt, tv, yv, tt.states.shape[0])
     result["search_test"] = search_on_test(tt, yt, test_idx)
+    result.pop("complete", None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
     _log(f"{name}: fit (cost cap 4)")
     fitted = fit(tv, yv, 4, log=_log)
