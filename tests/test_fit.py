@@ -230,3 +230,9 @@ def test_fit_command_writes_a_config_eval_applies(tmp_path, capsys):
                  "--timing-images", "4", "--repeats", "1", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "McNemar" in out and "shift consistency" in out
+    torch.manual_seed(1)  # another model of the same architecture: the config is refused, in one line
+    other = save_checkpoint(load_model("zoo:fmnist-resnet").model, tmp_path / "o.safetensors", arch="zoo:fmnist-resnet",
+                            num_classes=10, in_chans=1, input_size=(1, 64, 64))
+    assert main(["eval", str(other), "--config", str(cfg), "--limit", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "fitted for another model" in err and "Traceback" not in err
