@@ -166,6 +166,26 @@ def claims(res: dict[str, dict]) -> list[str]:
     return out
 
 
+LEARNING_FREE_VARIANTS = ("entropy, width 1, random order", "entropy, width all (single-site first)", "random",
+                          "displacement")
+
+
+def default_choice(res: dict[str, dict]) -> tuple[list[str], str]:
+    """Mean validation gain over plain of each learning-free variant (nothing fitted), per budget."""
+    main = [n for n in res if n != "resnet-offaug"]
+    out = ["| variant, aggregation | B=2 | B=4 | B=8 | B=16 |", "|---|---|---|---|---|"]
+    best = None
+    for v in LEARNING_FREE_VARIANTS:
+        for agg in ("mean", "entropy"):
+            key = f"{v} | {agg}"
+            gains = {b: sum(res[n]["search_val"]["top1"][key][b - 1] - res[n]["search_val"]["top1"][key][0]
+                            for n in main) / len(main) for b in (2, 4, 8, 16)}
+            out.append(f"| {v}, {agg} | " + " | ".join(f"{gains[b]:+.2f}" for b in (2, 4, 8, 16)) + " |")
+            if best is None or gains[4] > best[0]:
+                best = (gains[4], f"{v}, {agg}")
+    return out, best[1]
+
+
 def targets(res: dict[str, dict]) -> list[str]:
     out = ["| target | measured | met? |", "|---|---|---|"]
     main = [n for n in res if n != "resnet-offaug"]
@@ -204,6 +224,7 @@ def main() -> int:
     if not res:
         print("no complete study in results/study: run bash scripts/study.sh", file=sys.stderr)
         return 1
+    dflt_rows, dflt_best = default_choice(res)
     doc = ["# Results", "",
            "Every number on this page is written by `bash scripts/study.sh` (resumable; it trains the zoo if "
            "needed, then runs `python -m undiscard.study` per model and this renderer). Test numbers are on the "
@@ -214,6 +235,10 @@ def main() -> int:
            "## Headline: the configuration `undiscard fit` chooses on validation, on test", "", *headline(res), "",
            "## Calibration (temperatures fitted on validation)", "", *calibration_table(res), "",
            "## Search variants on validation", "", *validation_tables(res),
+           "## The default wrapper", "",
+           "Mean validation gain over plain across the zoo (resnet-offaug excluded) of each variant that needs "
+           "nothing fitted: the best at B=4 is the library's default for `wrap()` without a configuration "
+           f"(validated best: **{dflt_best}**).", "", *dflt_rows, "",
            "## Search variants on test (gain over plain)", "", *test_variants(res), "",
            "## Shift consistency", "",
            "Share of test images predicted the same under two random shifts of the input (border replicated).", "",

@@ -124,6 +124,21 @@ def test_the_state_table_replays_the_wrapper(width, criterion):
             assert_close_scaled(sim, real, ops=rounding_ops(model))
 
 
+def test_replay_gives_the_wrappers_logits_for_any_config():
+    from undiscard.fit import replay
+
+    torch.manual_seed(0)
+    model = _tiny_resnet()
+    x = torch.randn(4, 1, 32, 32)
+    table = state_table(model, x)
+    for cfg in ({"budget": 1}, {"budget": 3}, {"budget": 4, "width": None, "aggregate": "mean"},
+                {"budget": 3, "aggregate": "entropy", "policy": [[0, 0], [2, 1], [1, 3]]},
+                {"budget": 2, "criterion": "random", "prior": [[0, 1, 2, 3], [0, 3, 2, 1]]}):
+        with torch.no_grad():
+            real = undiscard.wrap(model, **cfg)(x)
+        assert_close_scaled(replay(table, cfg), real, ops=rounding_ops(model))
+
+
 def _tiny_resnet():
     from timm.models.resnet import BasicBlock, ResNet
 
