@@ -41,7 +41,7 @@ from undiscard.fit import (StateTable, aggregate_logits, fit, fit_table_policy, 
 from undiscard.stats import compare
 
 BUDGETS_TEST = (2, 4, 8, 16)
-DEFAULT_WRAP = {"budget": 4, "width": None}  # the default wrapper at the fitted configuration's cost cap
+DEFAULT_WRAP = {"budget": 4}  # the default wrapper at the fitted configuration's cost cap
 
 
 def _log(msg: str) -> None:
@@ -200,8 +200,8 @@ def run(name: str, ckpt: str, out: Path, cache: Path, *, shift: int = 8, ablatio
     _log(f"  wrapper vs table replay on test: {check}")
     head = paired_report(ours_t, plain_t, yt, val_ours=replay(tv, fitted["wrap"]), val_plain=plain_v, val_y=yv)
     head["wrapper_vs_replay"] = check
-    dflt = paired_report(replay(tt, DEFAULT_WRAP), plain_t, yt, val_ours=replay(tv, DEFAULT_WRAP), val_plain=plain_v,
-                         val_y=yv)
+    dflt = paired_report(replay(tt, resolved_default()), plain_t, yt, val_ours=replay(tv, resolved_default()),
+                         val_plain=plain_v, val_y=yv)
     xb = xt[:256]
     with torch.no_grad():
         tp = _median_time(lambda: model(xb), 5)
@@ -210,7 +210,7 @@ def run(name: str, ckpt: str, out: Path, cache: Path, *, shift: int = 8, ablatio
     result["fitted"] = {"config": str(config_out), "name": fitted["name"], "cost": fitted["cost"],
                         "wrap": {k: v for k, v in fitted["wrap"].items() if k != "prior"},
                         "validation": fitted["validation"], "test": head}
-    result["default"] = {"wrap": DEFAULT_WRAP, "test": dflt}
+    result["default"] = {"wrap": resolved_default(), "test": dflt}
 
     _log(f"{name}: shift consistency (up to {shift} px)")
     same = consistency({"plain": model, "fitted": ours, "default": default}, xt[:consistency_images], shift)
@@ -292,6 +292,51 @@ def run(name: str, ckpt: str, out: Path, cache: Path, *, shift: int = 8, ablatio
     return result
 
 
+def resolved_default() -> dict:
+    """``DEFAULT_WRAP`` with the wrapper's own defaults filled in (what ``wrap(model, budget=4)`` runs)."""
+    import inspect
+
+    from undiscard.method import Undiscard
+
+    sig = inspect.signature(Undiscard.__init__).parameters
+    keys = ("criterion", "aggregate", "width", "searchable")
+    return {**{k: sig[k].default for k in keys}, **DEFAULT_WRAP}
+
+
+def refresh_default(name: str, ckpt: str, out: Path, cache: Path, *, shift: int = 8,
+                    consistency_images: int = 2000) -> dict:
+    """Recompute the default wrapper's rows of a finished study (after the library default changed)."""
+    from undiscard.data import fashion_mnist_tensors
+    from undiscard.evaluate import _median_time
+    from undiscard.method import wrap
+    from undiscard.models import load_model
+    from undiscard.paired import consistency, paired_report
+
+    result = json.loads(out.read_text())
+    loaded = load_model(ckpt)
+    model = loaded.model
+    c, h, _ = loaded.input_size
+    xv, yv = fashion_mnist_tensors("val", h, c)
+    xt, yt = fashion_mnist_tensors("test", h, c)
+    tv = cached_table(cache / name / "val_inner.safetensors", model, xv)
+    tt = cached_table(cache / name / "test_inner.safetensors", model, xt)
+    cfg = resolved_default()
+    default = wrap(model, **DEFAULT_WRAP)
+    dflt = paired_report(replay(tt, cfg), tt.logits[:, 0], yt, val_ours=replay(tv, cfg), val_plain=tv.logits[:, 0],
+                         val_y=yv)
+    xb = xt[:256]
+    with torch.no_grad():
+        tp = _median_time(lambda: model(xb), 5)
+        dflt["time_ratio"] = _median_time(lambda: default(xb), 5) / tp
+    result["default"] = {"wrap": cfg, "test": dflt}
+    same = consistency({"plain": model, "default": default}, xt[:consistency_images], shift)
+    result["consistency"].update(default=100 * float(same["default"].double().mean()),
+                                 default_vs_plain=compare(same["default"], same["plain"]))
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    _log(f"{name}: refreshed the default wrapper's rows ({cfg})")
+    return result
+
+
 def offset_augment_study(aug: str, base: str, out: Path, cache: Path, *, variant: str,
                          aggregate: str = "entropy") -> dict:
     """Offset-augmented training (``aug``) against the same architecture trained normally (``base``).
@@ -352,6 +397,8 @@ def main(argv=None) -> int:
     p.add_argument("--config-out", default=None)
     p.add_argument("--test-limit", type=int, default=None, help="first N test images (a quick check)")
     p.add_argument("--val-limit", type=int, default=None, help="first N validation images (a quick check)")
+    p.add_argument("--refresh-default", action="store_true",
+                   help="only recompute the default wrapper's rows of a finished study")
     p.add_argument("--threads", type=int, default=0)
     a = p.parse_args(argv)
     if a.threads:
@@ -359,6 +406,10 @@ def main(argv=None) -> int:
     if a.name == "offset-augment":
         aug, base = a.checkpoint.split(",")
         offset_augment_study(aug, base, Path(a.out), Path(a.cache), variant=a.variant)
+        return 0
+    if a.refresh_default:
+        refresh_default(a.name, a.checkpoint, Path(a.out), Path(a.cache), shift=a.shift,
+                        consistency_images=a.consistency_images)
         return 0
     run(a.name, a.checkpoint, Path(a.out), Path(a.cache), shift=a.shift, ablations=a.ablations,
         main_images=a.main_images, aggregator=a.aggregator, config_out=Path(a.config_out) if a.config_out else None,
