@@ -43,7 +43,7 @@ def test_search_b1_through_features_and_head_is_the_plain_model(model, x):
 
 @pytest.mark.parametrize("aggregate", ["mean", "entropy"])
 def test_wrapped_model_runs_batch_of_one_and_mixed_states(model, x, aggregate):
-    w = wrap(model, budget=6, aggregate=aggregate, return_details=True)
+    w = wrap(model, budget=6, criterion="entropy", aggregate=aggregate, return_details=True)
     with torch.no_grad():
         one, det1 = w(x[:1])
         many, det = w(x)
