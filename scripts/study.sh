@@ -9,12 +9,13 @@ PY=.venv/bin/python
 bash scripts/train_zoo.sh
 AGG=zoo/fmnist-resnet-s0.aggregator.safetensors
 "$PY" -m undiscard train-aggregator zoo/fmnist-resnet-s0.safetensors --out "$AGG" --images 4000 --epochs 10
-DEFAULT_VARIANT="${DEFAULT_VARIANT:-entropy, width all (single-site first)}"
+DEFAULT_VARIANT="${DEFAULT_VARIANT:-displacement}"  # the library default's search (docs/results.md)
 for name in resnet-s0 mobilenet pvt resnet-offaug resnet-s1 resnet-s2; do
   out="results/study/$name.json"
   if [[ -z "${FRESH:-}" && -f "$out" ]] && grep -q '"complete": true' "$out"; then echo "done: $out"; continue; fi
   extra=()
   [[ "$name" == resnet-s0 ]] && extra=(--ablations --aggregator "$AGG")
+  [[ "$name" == resnet-offaug ]] && extra=(--consistency-images 1000)
   "$PY" -m undiscard.study "$name" "zoo/fmnist-$name.safetensors" --out "$out" "${extra[@]}"
 done
 "$PY" -m undiscard.study offset-augment resnet-offaug,resnet-s0 --out results/study/offset_augment.json \
