@@ -20,10 +20,11 @@ def g(c: dict) -> str:
 
 
 def sig(c: dict) -> str:
+    """The verdict on "a beats b" from the interval of a - b."""
     if c["lo"] > 0:
-        return "gain"
+        return "confirmed"
     if c["hi"] < 0:
-        return "loss"
+        return "refuted (the opposite holds)"
     return "within noise"
 
 
@@ -162,7 +163,7 @@ def claims(res: dict[str, dict]) -> list[str]:
                    f"{g(lrn['vs_reference'])} | {sig(lrn['vs_reference'])} |")
         out.append(f"| the attention gain is the states', not the learned correction | control (the aggregator on "
                    f"the default state alone) vs plain: {g(ctl)}; attention B=8 vs plain: "
-                   f"{g(att)} | control {sig(ctl)} |")
+                   f"{g(att)} | control vs plain: {sig(ctl)} |")
     return out
 
 
