@@ -109,7 +109,7 @@ def cmd_train_backbone(args) -> int:
                     batch_size=args.batch_size, lr=args.lr, seed=args.seed, augment=args.augment,
                     offset_augment=args.offset_augment)
     train_backbone(recipe, args.out, root=args.data_root, half=not args.fp32, fresh=args.fresh,
-                   log=lambda m: print(m, file=sys.stderr))
+                   replace=args.replace, log=lambda m: print(m, file=sys.stderr))
     return 0
 
 
@@ -617,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--fresh", action="store_true",
                     help="delete the resume file, an existing --out and its JSON summary first (an --out of the same "
                          "recipe is otherwise kept, one of another recipe refused)")
+    sp.add_argument("--replace", action="store_true",
+                    help="train this recipe over an --out of another recipe; the old model stays in place, usable, "
+                         "until the new one is written over it (interrupt and rerun to resume)")
     sp.set_defaults(func=cmd_train_backbone)
 
     sp = sub.add_parser("train-segmenter", help="train deeplabv3-tiny or segformer-tiny on fashion-mnist-seg (seeded, resumable)")

@@ -53,10 +53,11 @@ def load_resume(path: Path, recipe: dict) -> dict:
     return ck
 
 
-def prepare_output(out: Path, resume_path: Path, recipe: dict, fresh: bool, log) -> dict | None:
+def prepare_output(out: Path, resume_path: Path, recipe: dict, fresh: bool, log, replace: bool = False) -> dict | None:
     """Before training into ``out``: ``fresh`` deletes what an earlier run left; a
     pickled resume file (``OUT.resume.pt``) is refused; a completed ``out`` of the same recipe gives its summary (nothing
-    to train: returned), one of another recipe is refused."""
+    to train: returned), one of another recipe is refused unless ``replace`` (it then stays in place, usable, until
+    the new model is written over it)."""
     legacy = out.with_name(out.name + ".resume.pt")
     summary = out.with_suffix(".json")
     if fresh:
@@ -70,7 +71,8 @@ def prepare_output(out: Path, resume_path: Path, recipe: dict, fresh: bool, log)
                              "and start over")
     if resume_path.exists() or not out.exists():
         return None
-    redo = "add --fresh to train it again (this replaces it), or choose another --out"
+    redo = ("add --replace to train the new recipe over it (it stays usable until then), --fresh to delete it first, "
+            "or choose another --out")
     try:
         from safetensors import safe_open
 
@@ -79,6 +81,10 @@ def prepare_output(out: Path, resume_path: Path, recipe: dict, fresh: bool, log)
         saved = json.loads(meta["undiscard.recipe"])
     except Exception:
         raise UndiscardError(f"{out} exists and is not a checkpoint written by this trainer; {redo}") from None
+    if saved != recipe and replace:
+        log(f"{out} was trained with another recipe; --replace: training the new one (the old file stays until the "
+            "new one is written over it)")
+        return None
     if saved != recipe:
         diff = "; ".join(f"{k}: saved {saved.get(k)!r}, now {recipe.get(k)!r}"
                          for k in dict.fromkeys([*saved, *recipe]) if saved.get(k) != recipe.get(k))
@@ -171,6 +177,7 @@ def train_backbone(
     half: bool = True,
     save_every: int = 50,
     fresh: bool = False,
+    replace: bool = False,
     channels_last: bool = True,
     log=print,
 ) -> dict:
@@ -194,7 +201,7 @@ def train_backbone(
     if not 0.0 <= recipe.offset_augment <= 1.0:
         raise UndiscardError(f"--offset-augment is a probability in [0, 1]; got {recipe.offset_augment}")
     resume_path = out.with_name(out.name + ".resume.safetensors")
-    done = prepare_output(out, resume_path, asdict(recipe), fresh, log)
+    done = prepare_output(out, resume_path, asdict(recipe), fresh, log, replace=replace)
     if done is not None:
         return done
     out.parent.mkdir(parents=True, exist_ok=True)
