@@ -227,7 +227,7 @@ def render() -> str:
         import sys as _sys
 
         _sys.path.insert(0, str(ROOT / "src"))
-        from undiscard.policy import format_study
+        from undiscard.evaluation.policy import format_study
 
         st0 = pol[0][2]["settings"]
         lines.append("**Dataset-level policy vs per-image search** (`bash scripts/policy.sh`, `undiscard fit-policy`): "

@@ -235,7 +235,7 @@ def main() -> int:
     dflt_rows, dflt_best = default_choice(res)
     doc = ["# Results", "",
            "Every number on this page is written by `bash scripts/study.sh` (resumable; it trains the zoo if "
-           "needed, then runs `python -m undiscard.study` per model and this renderer). Test numbers are on the "
+           "needed, then runs `python -m undiscard.evaluation.study` per model and this renderer). Test numbers are on the "
            "full 10 000-image Fashion-MNIST test split; choices are made on the 5 000 validation images held out "
            "of the training split. A gain is in top-1 points with its paired-bootstrap 95% interval and the exact "
            "McNemar p against the plain model on the same images; \"within noise\" means the interval contains 0.",

@@ -32,7 +32,7 @@ def cell(r: dict | None, base: dict | None = None) -> str:
         return "-"
     gain = ""
     if base is not None:
-        from undiscard.tta_eval import paired_interval
+        from undiscard.evaluation.tta import paired_interval
 
         lo, hi = paired_interval(base["correct"], r["correct"])
         gain = f" ({r['top1'] - base['top1']:+.2f} [{lo:+.1f}, {hi:+.1f}])"
@@ -53,7 +53,7 @@ def render() -> str:
         "",
         f"Fashion-MNIST zoo models, first {s0['images']} test images; image aggregators fitted on "
         f"{s0['val_images']} `fashion-mnist:val` images; candidate pool of {st['pool']} views "
-        "(identity, flip, crops, RandAugment-style ops; `undiscard.tta.augmentation_pool`). "
+        "(identity, flip, crops, RandAugment-style ops; `undiscard.tta.transforms.augmentation_pool`). "
         f"Ours: per-view search with criterion `{st['criterion']}`, aggregation `{st['aggregate']}`, "
         f"B_feat = {feat}. Each cell: top-1 % (change vs the same image method without ours at the same "
         "nominal B_total = image budget x B_feat, with its 95% paired-bootstrap interval over the test images) · "
@@ -80,7 +80,7 @@ def render() -> str:
             if fo is None:
                 alone.append("-")
             else:
-                from undiscard.tta_eval import paired_interval
+                from undiscard.evaluation.tta import paired_interval
 
                 lo, hi = paired_interval(res["plain"]["correct"], fo["correct"])
                 alone.append(f"{fo['top1']:.2f} ({fo['top1'] - res['plain']['top1']:+.2f} [{lo:+.1f}, {hi:+.1f}] vs plain) · {t} · -")
@@ -105,7 +105,7 @@ def render() -> str:
     rs = [find(res, "flips", feat, 2, "-") for _, _, res in loaded]
     out.append("| Flips + ours | " + " | ".join(cell(r, b) for r, b in zip(rs, base)) + " |")
     # a summary computed from the same rows
-    from undiscard.tta_eval import paired_interval
+    from undiscard.evaluation.tta import paired_interval
 
     up = down = same = 0
     for _, _, res in loaded:

@@ -11,5 +11,5 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=.venv/bin/python
 R50_BATCH="${R50_BATCH:-4}"
 mkdir -p results
-"$PY" -m undiscard.seg_bench --json results/seg_bench_cpu.json --r50-batch "$R50_BATCH" "$@"
+"$PY" -m undiscard.evaluation.seg_bench --json results/seg_bench_cpu.json --r50-batch "$R50_BATCH" "$@"
 "$PY" scripts/render_seg.py

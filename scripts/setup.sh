@@ -33,5 +33,5 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
 fi
 
 # torch, torchvision and timm import (through the torchvision compat guard).
-.venv/bin/python -W ignore -c "import undiscard._compat as c; c.ensure_torchvision(); import torch, torchvision, timm"
+.venv/bin/python -W ignore -c "import undiscard.compat as c; c.ensure_torchvision(); import torch, torchvision, timm"
 echo "setup: done ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -16,8 +16,8 @@ for name in resnet-s0 mobilenet pvt resnet-offaug resnet-s1 resnet-s2; do
   extra=()
   [[ "$name" == resnet-s0 ]] && extra=(--ablations --aggregator "$AGG")
   [[ "$name" == resnet-offaug ]] && extra=(--consistency-images 1000)
-  "$PY" -m undiscard.study "$name" "zoo/fmnist-$name.safetensors" --out "$out" "${extra[@]}"
+  "$PY" -m undiscard.evaluation.study "$name" "zoo/fmnist-$name.safetensors" --out "$out" "${extra[@]}"
 done
-"$PY" -m undiscard.study offset-augment resnet-offaug,resnet-s0 --out results/study/offset_augment.json \
+"$PY" -m undiscard.evaluation.study offset-augment resnet-offaug,resnet-s0 --out results/study/offset_augment.json \
   --variant "$DEFAULT_VARIANT"
 "$PY" scripts/render_study.py

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the two segmentation models on fashion-mnist-seg (recipe: src/undiscard/segtrain.py).
+# Train the two segmentation models on fashion-mnist-seg (recipe: src/undiscard/models/train_segmenter.py).
 # Resumable: rerun after an interruption (OUT.resume.safetensors). Existing checkpoints are kept;
 # FORCE=1 retrains them. THREADS (default 2) sets torch's CPU threads.
 #   scripts/train_seg.sh                  # both

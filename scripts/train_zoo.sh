@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Train the classification zoo on Fashion-MNIST (recipe: src/undiscard/zoo.py and
-# src/undiscard/zoo_archs.py). Seeded and resumable: rerun after an interruption and each
+# Train the classification zoo on Fashion-MNIST (recipe: src/undiscard/models/train_classifier.py and
+# src/undiscard/models/archs.py). Seeded and resumable: rerun after an interruption and each
 # model carries on from its last saved step; finished models are kept. A model of an older
 # recipe stays in place, usable, until its retrained file is written over it (--replace).
 #   bash scripts/train_zoo.sh              # every model, in the order below

@@ -13,11 +13,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import undiscard._compat as _compat
+import undiscard.compat as compat
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    _compat.ensure_torchvision()
+    compat.ensure_torchvision()
 
 
 #: a seeded random timm resnet18 for gray 7-class inputs, built once (``cached(*RESNET_GRAY7)``)

@@ -9,8 +9,8 @@ import torch
 
 import undiscard
 from conftest import assert_close_scaled, circular_net
-from undiscard.aggregate import entropy_weights, weighted_mean
-from undiscard.align import align_to_default, shift_cells
+from undiscard.method.aggregate import entropy_weights, weighted_mean
+from undiscard.method.align import align_to_default, shift_cells
 
 
 class _Trunk(torch.nn.Module):

@@ -9,10 +9,10 @@ import sys
 import torch
 import torch.nn as nn
 
-import undiscard.models
-from undiscard.checks import run_checks
-from undiscard.cli import main
-from undiscard.models import LoadedModel
+import undiscard.models.classifiers
+from undiscard.evaluation.checks import run_checks
+from undiscard.cli.main import main
+from undiscard.models.classifiers import LoadedModel
 
 
 def test_sites_json_for_timm_resnet50_from_the_installed_command():
@@ -67,7 +67,7 @@ def test_check_fails_with_nonzero_exit_when_an_invariant_breaks(monkeypatch, cap
     def fake_load(spec, **kw):
         return LoadedModel(model, spec, (3, 16, 16), False, "test model")
 
-    monkeypatch.setattr(undiscard.models, "load_model", fake_load)
+    monkeypatch.setattr(undiscard.models.classifiers, "load_model", fake_load)
     assert main(["check", "custom"]) == 1
     assert "FAIL" in capsys.readouterr().out
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import assert_close_scaled, cached, rounding_ops
-from undiscard.compose import ImageTTA, compose, view_logits
+from undiscard.tta.compose import ImageTTA, compose, view_logits
 from undiscard.errors import UndiscardError
-from undiscard.imgtta import fit_image_aggregator, mean_aggregator
-from undiscard.method import Undiscard
-from undiscard.tta import augmentation_pool, flips, transforms_by_names
+from undiscard.tta.merge import fit_image_aggregator, mean_aggregator
+from undiscard.method.classify import Undiscard
+from undiscard.tta.transforms import augmentation_pool, flips, transforms_by_names
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -128,7 +128,7 @@ def test_eval_image_tta_cli_and_bad_options(tmp_path):
 
 
 def test_paired_interval_brackets_the_difference_and_is_zero_for_identical_results():
-    from undiscard.tta_eval import paired_interval
+    from undiscard.evaluation.tta import paired_interval
 
     a = "0110" * 50
     assert paired_interval(a, a) == (0.0, 0.0)
@@ -150,7 +150,7 @@ def test_paired_interval_brackets_the_difference_and_is_zero_for_identical_resul
     (["tta-study", "zoo/fmnist_resnet18.safetensors", "--feature-budget", "1"], "--feature-budget"),
 ])
 def test_image_tta_options_that_would_be_ignored_are_clear_errors(argv, needle, capsys):
-    from undiscard.cli import main
+    from undiscard.cli.main import main
 
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -158,7 +158,7 @@ def test_image_tta_options_that_would_be_ignored_are_clear_errors(argv, needle, 
 
 
 def test_fitted_image_aggregators_are_saved_and_reapplied_and_a_mismatch_is_refused(tmp_path, capsys):
-    from undiscard.cli import main
+    from undiscard.cli.main import main
 
     base = ["eval", "zoo/fmnist_resnet18.safetensors", "--limit", "8", "--tta-val-images", "16", "--tta-pool", "4",
             "--timing-images", "2", "--repeats", "1", "--threads", "1", "--cache-dir", str(tmp_path / "c"),

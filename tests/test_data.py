@@ -11,19 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import undiscard.data as data
+import undiscard.data.classification as data
 from conftest import assert_close_scaled
-from undiscard.data import (
-    FASHION_MNIST_CLASSES,
-    VAL_SIZE,
-    DatasetNotFoundError,
-    TensorImageDataset,
-    fashion_mnist_tensors,
-    image_folder,
-    load_fashion_mnist,
-    read_idx,
-    split_indices,
-)
+from undiscard.data.classification import FASHION_MNIST_CLASSES, VAL_SIZE, DatasetNotFoundError, TensorImageDataset, fashion_mnist_tensors, image_folder, load_fashion_mnist, read_idx, split_indices
 from undiscard.errors import InputError, UndiscardError
 
 _CODES = {torch.uint8: 0x08, torch.int8: 0x09, torch.int16: 0x0B, torch.int32: 0x0C,
@@ -199,7 +189,7 @@ def test_bad_split_name_is_an_input_error(tmp_path):
 
 
 def test_download_uses_torchvision_and_reads_its_raw_files(tmp_path, monkeypatch):
-    import undiscard._compat as compat
+    import undiscard.compat as compat
 
     assert compat.ensure_torchvision()
     import torchvision.datasets

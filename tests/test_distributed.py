@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import undiscard.evaluate as ev
-from undiscard.cli import main
+import undiscard.evaluation.classify as ev
+from undiscard.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "zoo" / "fmnist_resnet18.safetensors"
@@ -88,8 +88,8 @@ def test_torchrun_gives_the_numbers_of_one_process(tmp_path, reference):
 INTERRUPT = textwrap.dedent("""
     # rank 1 stops (Ctrl-C) right after saving its first batch: an interrupted torchrun eval
     import os, sys
-    import undiscard.evaluate as ev
-    from undiscard.cli import main
+    import undiscard.evaluation.classify as ev
+    from undiscard.cli.main import main
 
     if os.environ["RANK"] == "1":
         real = ev._save_atomic

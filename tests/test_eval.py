@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import EPS32, cached
-from undiscard.cli import main
-from undiscard.evaluate import EvalConfig, calibration_error, run_eval
+from undiscard.cli.main import main
+from undiscard.evaluation.classify import EvalConfig, calibration_error, run_eval
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "zoo" / "fmnist_resnet18.safetensors"
@@ -54,17 +54,17 @@ def test_eval_on_the_shipped_model_on_a_slice(tmp_path, capsys):
 
 
 def test_interrupted_eval_resumes_to_the_same_numbers(tmp_path, monkeypatch):
-    import undiscard.evaluate as ev
+    import undiscard.evaluation.classify as ev
 
     model = cached("timm", "resnet18", (("num_classes", 10), ("in_chans", 1)))
     path = tmp_path / "m.safetensors"
-    from undiscard.models import save_checkpoint
+    from undiscard.models.classifiers import save_checkpoint
 
     save_checkpoint(model, path, arch="timm:resnet18", num_classes=10, in_chans=1, input_size=(1, 64, 64))
     cfg = EvalConfig(model=str(path), limit=12, batch_size=4, budgets=[1, 3], timing_images=2, repeats=1)
     full = run_eval(cfg, tmp_path / "a.json", log=lambda m: None)
 
-    real = ev._progress
+    real = ev.progress
 
     class Boom:
         def __init__(self, *a):
@@ -79,12 +79,12 @@ def test_interrupted_eval_resumes_to_the_same_numbers(tmp_path, monkeypatch):
         def close(self):
             self.bar.close()
 
-    monkeypatch.setattr(ev, "_progress", Boom)
+    monkeypatch.setattr(ev, "progress", Boom)
     with pytest.raises(KeyboardInterrupt):
         run_eval(cfg, tmp_path / "b.json", log=lambda m: None)
     partial = ev.read_partial(tmp_path / "b.partial.safetensors")  # safetensors + JSON: nothing unpickled
     assert partial["done"] == 8
-    monkeypatch.setattr(ev, "_progress", real)
+    monkeypatch.setattr(ev, "progress", real)
     logs = []
     resumed = run_eval(cfg, tmp_path / "b.json", log=logs.append)
     assert any("resuming at image 8/12" in m for m in logs)
@@ -109,8 +109,8 @@ def test_eval_bad_input_is_a_clear_error(argv, msg, capsys):
 
 
 def test_train_aggregator_writes_a_checkpoint_the_wrapper_uses(tmp_path):
-    from undiscard.aggregator import load_aggregator, train_aggregator
-    from undiscard.method import wrap
+    from undiscard.method.learned import load_aggregator, train_aggregator
+    from undiscard.method.classify import wrap
 
     model = cached("timm", "resnet18", (("num_classes", 4), ("in_chans", 1)))
     g = torch.Generator().manual_seed(0)
@@ -119,7 +119,7 @@ def test_train_aggregator_writes_a_checkpoint_the_wrapper_uses(tmp_path):
     out = tmp_path / "agg.safetensors"
     train_aggregator(w, x, y, out, states_per_image=4, epochs=2, batch_size=8, dim=16, heads=2, log=lambda m: None)
     agg = load_aggregator(out, model, w.sites_for(x))
-    assert agg.meta["undiscard.feature_dim"] == "512" and agg.meta["undiscard.align"] == "1"
+    assert agg.meta["undiscard.feature_dim"] == "512" and agg.meta["undiscard.method.align"] == "1"
     assert any(p.abs().sum() > 0 for p in agg.proj_out.parameters())  # it learned something
     logits = wrap(model, budget=3, aggregate="attention", aggregator=out)(x[:2])
     assert logits.shape == (2, 4) and torch.isfinite(logits).all()
@@ -134,7 +134,7 @@ def test_train_aggregator_refuses_a_missing_backbone(capsys):
 def test_eval_on_an_image_folder_streams_batches(tmp_path):
     from PIL import Image
 
-    from undiscard.models import save_checkpoint
+    from undiscard.models.classifiers import save_checkpoint
 
     g = torch.Generator().manual_seed(0)
     for c in ("cat", "dog"):

@@ -10,10 +10,10 @@ import torch.nn as nn
 
 import undiscard
 from conftest import assert_close_scaled, rounding_ops
-from undiscard.config import load_config, model_fingerprint, save_config
-from undiscard.fit import aggregate_logits, fit, state_table, table_search
-from undiscard.paired import consistency, shift_images
-from undiscard.stats import calibration, mcnemar, paired_bootstrap
+from undiscard.method.config import load_config, model_fingerprint, save_config
+from undiscard.evaluation.fit import aggregate_logits, fit, state_table, table_search
+from undiscard.evaluation.paired import consistency, shift_images
+from undiscard.evaluation.stats import calibration, mcnemar, paired_bootstrap
 
 
 class OddPixelNet(nn.Module):
@@ -99,7 +99,7 @@ def test_a_config_is_refused_for_another_model(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(undiscard.ConfigError, match="not a configuration"):
         load_config(tmp_path / "bad.json", model)
-    (tmp_path / "evil.json").write_text(json.dumps({"kind": "undiscard.config/1", "wrap": {"__class__": 1}}))
+    (tmp_path / "evil.json").write_text(json.dumps({"kind": "undiscard.method.config/1", "wrap": {"__class__": 1}}))
     with pytest.raises(undiscard.ConfigError, match="unknown wrap settings"):
         load_config(tmp_path / "evil.json")
 
@@ -125,7 +125,7 @@ def test_the_state_table_replays_the_wrapper(width, criterion):
 
 
 def test_replay_gives_the_wrappers_logits_for_any_config():
-    from undiscard.fit import replay
+    from undiscard.evaluation.fit import replay
 
     torch.manual_seed(0)
     model = _tiny_resnet()
@@ -178,8 +178,8 @@ def test_temperature_scaling_does_not_raise_the_validation_nll():
 
 def test_offset_augmented_gradients_match_per_state_gradients():
     """One per-sample-state batch gives the gradients of running each sample under its own state."""
-    from undiscard.sites import find_sites
-    from undiscard.zoo import random_states
+    from undiscard.sites.discover import find_sites
+    from undiscard.models.train_classifier import random_states
 
     torch.manual_seed(0)
     model = _tiny_resnet()  # eval mode: BatchNorm would otherwise couple the samples of a batch
@@ -201,7 +201,7 @@ def test_offset_augmented_gradients_match_per_state_gradients():
 
 
 def test_offset_augmented_training_runs_a_few_steps(tmp_path):
-    from undiscard.zoo import Recipe, train_backbone
+    from undiscard.models.train_classifier import Recipe, train_backbone
 
     out = tmp_path / "m.safetensors"
     r = Recipe(arch="zoo:fmnist-resnet", size=64, epochs=3 * 64 / 55000, batch_size=64, augment="shift",
@@ -230,8 +230,8 @@ def test_consistency_is_complete_for_a_shift_invariant_model():
 
 
 def test_fit_command_writes_a_config_eval_applies(tmp_path, capsys):
-    from undiscard.cli import main
-    from undiscard.models import load_model, save_checkpoint
+    from undiscard.cli.main import main
+    from undiscard.models.classifiers import load_model, save_checkpoint
 
     torch.manual_seed(0)
     net = load_model("zoo:fmnist-resnet").model

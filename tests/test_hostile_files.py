@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-import undiscard.evaluate as ev
+import undiscard.evaluation.classify as ev
 from conftest import cached
-from undiscard.cli import main
+from undiscard.cli.main import main
 from undiscard.errors import FileTrustError, UndiscardError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +95,7 @@ def test_the_hostile_payload_really_runs_when_unpickled(tmp_path):
 
 @pytest.mark.parametrize("name,raw", [("m.pt", False), ("m.pth", True)])
 def test_load_model_refuses_a_pickled_model_without_the_opt_in(tmp_path, marker, name, raw):
-    from undiscard.models import load_model
+    from undiscard.models.classifiers import load_model
 
     path = _hostile(tmp_path / name, marker, raw=raw, wrap=lambda p: p)
     with pytest.raises(FileTrustError) as info:
@@ -122,7 +122,7 @@ def test_every_command_that_loads_a_model_refuses_a_pickle_without_trust_pickle(
 
 
 def test_trust_pickle_loads_a_genuine_pickled_model(tmp_path, capsys):
-    from undiscard.models import load_model
+    from undiscard.models.classifiers import load_model
 
     model = nn.Sequential(nn.Conv2d(1, 4, 3, 2, 1), nn.ReLU(), nn.Conv2d(4, 8, 3, 2, 1), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
@@ -141,7 +141,7 @@ def test_trust_pickle_loads_a_genuine_pickled_model(tmp_path, capsys):
 
 
 def test_a_state_dict_pt_is_explained_without_running_anything(tmp_path):
-    from undiscard.models import load_model
+    from undiscard.models.classifiers import load_model
 
     path = tmp_path / "sd.pt"
     torch.save(nn.Conv2d(1, 2, 3).state_dict(), path)  # tensors only: read with weights_only=True
@@ -150,9 +150,9 @@ def test_a_state_dict_pt_is_explained_without_running_anything(tmp_path):
 
 
 def test_a_pickle_named_safetensors_is_not_loaded(tmp_path, marker):
-    from undiscard.aggregator import load_aggregator
-    from undiscard.imgtta import ImageAggregator, LogitsCache
-    from undiscard.models import load_model
+    from undiscard.method.learned import load_aggregator
+    from undiscard.tta.merge import ImageAggregator, LogitsCache
+    from undiscard.models.classifiers import load_model
 
     fake = _hostile(tmp_path / "m.safetensors", marker)
     with pytest.raises(UndiscardError, match="not a readable safetensors file"):
@@ -239,7 +239,7 @@ def test_a_hostile_aggregator_cache_is_refused_by_train_aggregator(tmp_path, mar
 
 @pytest.mark.parametrize("name", ["m.safetensors.resume.pt", "m.safetensors.resume.safetensors"])
 def test_a_hostile_backbone_training_resume_file_is_refused(tmp_path, marker, capsys, name):
-    from undiscard.zoo import Recipe, train_backbone
+    from undiscard.models.train_classifier import Recipe, train_backbone
 
     out = tmp_path / "m.safetensors"
     bad = _hostile(tmp_path / name, marker)
@@ -254,7 +254,7 @@ def test_a_hostile_backbone_training_resume_file_is_refused(tmp_path, marker, ca
 
 @pytest.mark.parametrize("name", ["m.safetensors.resume.pt", "m.safetensors.resume.safetensors"])
 def test_a_hostile_segmenter_training_resume_file_is_refused(tmp_path, marker, name):
-    from undiscard.segtrain import SegRecipe, train_segmenter
+    from undiscard.models.train_segmenter import SegRecipe, train_segmenter
 
     out = tmp_path / "m.safetensors"
     _hostile(tmp_path / name, marker)
@@ -300,7 +300,7 @@ def test_a_state_file_is_never_mistaken_for_a_pickle(tmp_path):
 
 
 def test_a_completed_eval_json_is_reused_or_refused_never_overwritten(tmp_path, capsys, monkeypatch):
-    import undiscard.models
+    import undiscard.models.classifiers
 
     out = tmp_path / "r.json"
     base = ["eval", str(SHIPPED), "--data", str(_folder(tmp_path / "data")), *FAST, "--json", str(out)]
@@ -319,7 +319,7 @@ def test_a_completed_eval_json_is_reused_or_refused_never_overwritten(tmp_path, 
     def boom(*a, **k):
         raise AssertionError("a completed result must not be recomputed")
 
-    monkeypatch.setattr(undiscard.models, "load_model", boom)
+    monkeypatch.setattr(undiscard.models.classifiers, "load_model", boom)
     assert main(base) == 0  # the same arguments: its results, printed, nothing recomputed
     captured = capsys.readouterr()
     assert "is complete" in captured.err and "wrote" not in captured.err and "top-1 %" in captured.out
@@ -378,9 +378,9 @@ def test_fit_policy_refuses_a_saved_study_of_other_settings(tmp_path, capsys):
 
 
 def test_a_trained_backbone_is_kept_or_refused_not_retrained(tmp_path, capsys, monkeypatch):
-    import undiscard.models
-    from undiscard.models import save_checkpoint
-    from undiscard.zoo import Recipe
+    import undiscard.models.classifiers
+    from undiscard.models.classifiers import save_checkpoint
+    from undiscard.models.train_classifier import Recipe
 
     out = tmp_path / "m.safetensors"
     recipe = Recipe(arch="timm:resnet18", size=32)
@@ -391,7 +391,7 @@ def test_a_trained_backbone_is_kept_or_refused_not_retrained(tmp_path, capsys, m
     def boom(*a, **k):
         raise AssertionError("a trained checkpoint must not be retrained")
 
-    monkeypatch.setattr(undiscard.models, "load_model", boom)
+    monkeypatch.setattr(undiscard.models.classifiers, "load_model", boom)
     assert main(["train-backbone", "timm:resnet18", "--out", str(out), "--size", "32", "--lr", "1e-3"]) == 2
     _one_line_error(capsys, str(out), "another recipe", "lr: saved 0.002, now 0.001", "--fresh")
     assert main(["train-backbone", "timm:resnet18", "--out", str(out), "--size", "32"]) == 0
@@ -401,7 +401,7 @@ def test_a_trained_backbone_is_kept_or_refused_not_retrained(tmp_path, capsys, m
 def test_a_trained_segmenter_is_kept_or_refused(tmp_path):
     from safetensors.torch import save_file
 
-    from undiscard.segtrain import SegRecipe, train_segmenter
+    from undiscard.models.train_segmenter import SegRecipe, train_segmenter
 
     out = tmp_path / "m.safetensors"
     recipe = SegRecipe.for_arch("deeplabv3-tiny", steps=2)
@@ -414,8 +414,8 @@ def test_a_trained_segmenter_is_kept_or_refused(tmp_path):
 
 
 def test_a_trained_aggregator_is_kept_or_refused(tmp_path):
-    from undiscard.aggregator import train_aggregator
-    from undiscard.method import wrap
+    from undiscard.method.learned import train_aggregator
+    from undiscard.method.classify import wrap
 
     model = cached("timm", "resnet18", (("num_classes", 4), ("in_chans", 1)))
     g = torch.Generator().manual_seed(0)
@@ -456,15 +456,15 @@ BAD_OUTPUTS = [
 @pytest.fixture
 def nothing_runs(monkeypatch):
     """Loading a model or measuring anything fails the test: the refusal must come first."""
-    import undiscard.bench
-    import undiscard.models
-    import undiscard.segmodels
+    import undiscard.evaluation.bench
+    import undiscard.models.classifiers
+    import undiscard.models.segmenters
 
     def boom(*a, **k):
         raise AssertionError("computation started before the output path was checked")
 
-    for mod, name in ((undiscard.models, "load_model"), (undiscard.segmodels, "load_segmenter"),
-                      (undiscard.bench, "run_bench")):
+    for mod, name in ((undiscard.models.classifiers, "load_model"), (undiscard.models.segmenters, "load_segmenter"),
+                      (undiscard.evaluation.bench, "run_bench")):
         monkeypatch.setattr(mod, name, boom)
 
 

@@ -16,11 +16,11 @@ import torch.nn as nn
 
 import undiscard
 from conftest import RESNET_GRAY7, EPS32, assert_close_scaled, cached, rounding_ops
-from undiscard.aggregate import entropy_weights
-from undiscard.aggregator import AttentionAggregator
-from undiscard.align import align_to_default, shift_cells
-from undiscard.engine import use_states
-from undiscard.search import image_seeds
+from undiscard.method.aggregate import entropy_weights
+from undiscard.method.learned import AttentionAggregator
+from undiscard.method.align import align_to_default, shift_cells
+from undiscard.run.engine import use_states
+from undiscard.method.search import image_seeds
 
 RESNET = RESNET_GRAY7
 
@@ -92,7 +92,7 @@ def test_image_seeds_depend_on_the_values_and_the_seed_only():
 
 @pytest.mark.parametrize("criterion", ["entropy", "random"])
 def test_segmentation_answers_do_not_depend_on_the_batch(criterion):
-    from undiscard.segmodels import build_segmenter
+    from undiscard.models.segmenters import build_segmenter
 
     torch.manual_seed(0)
     seg = build_segmenter("deeplabv3-tiny", num_classes=5, in_chans=1).eval()
@@ -109,8 +109,8 @@ def test_segmentation_answers_do_not_depend_on_the_batch(criterion):
 
 
 def test_eval_gives_the_same_numbers_at_two_batch_sizes(tmp_path):
-    from undiscard.evaluate import EvalConfig, run_eval
-    from undiscard.models import save_checkpoint
+    from undiscard.evaluation.classify import EvalConfig, run_eval
+    from undiscard.models.classifiers import save_checkpoint
 
     model = cached("timm", "resnet18", (("num_classes", 10), ("in_chans", 1)))
     path = tmp_path / "m.safetensors"

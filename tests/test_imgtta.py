@@ -1,4 +1,4 @@
-"""Image-space aggregation over cached logits: GPS, AugTTA, ClassTTA, mean, max (undiscard.imgtta)."""
+"""Image-space aggregation over cached logits: GPS, AugTTA, ClassTTA, mean, max (undiscard.tta.merge)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import EPS32, assert_close_scaled
-from undiscard import imgtta
+from undiscard.tta import merge as imgtta
 from undiscard.errors import InputError, UndiscardError
 
 K = 10

@@ -9,8 +9,8 @@ import torch
 
 import undiscard
 from conftest import RESNET_GRAY7, assert_close_scaled, cached, rounding_ops
-from undiscard.aggregator import AttentionAggregator, load_aggregator, save_aggregator, backbone_fingerprint, sites_signature
-from undiscard.method import wrap
+from undiscard.method.learned import AttentionAggregator, load_aggregator, save_aggregator, backbone_fingerprint, sites_signature
+from undiscard.method.classify import wrap
 
 RESNET = RESNET_GRAY7
 
@@ -125,8 +125,8 @@ def test_aggregator_checkpoint_round_trip_and_mismatch(tmp_path, model, x):
     for p in agg.parameters():
         torch.nn.init.normal_(p, std=0.05)
     path = save_aggregator(agg, tmp_path / "agg.safetensors", {
-        "undiscard.backbone_fingerprint": backbone_fingerprint(model), "undiscard.sites": sites_signature(sites),
-        "undiscard.align": "1"})
+        "undiscard.backbone_fingerprint": backbone_fingerprint(model), "undiscard.sites.discover": sites_signature(sites),
+        "undiscard.method.align": "1"})
     back = load_aggregator(path, model, sites)
     f, c = torch.randn(2, 3, 4, 512), torch.rand(2, 3, 2)
     assert torch.equal(agg(f, c)[0], back(f, c)[0])
@@ -196,7 +196,7 @@ def test_with_width_one_the_criterion_picks_from_the_second_state_on(model, x):
     assert not torch.equal(a, b) and not torch.equal(a, c)
     # entropy: each new state neighbours the lowest-entropy state evaluated before it
     found = wrap(model, budget=4, criterion="entropy").search(x)
-    from undiscard.aggregate import entropy as H
+    from undiscard.method.aggregate import entropy as H
 
     h = H(found.logits)
     for i in range(x.shape[0]):

@@ -1,4 +1,4 @@
-"""Tests for the torchvision compat guard and model loading (undiscard.models)."""
+"""Tests for the torchvision compat guard and model loading (undiscard.models.classifiers)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from undiscard import _compat
+from undiscard import compat
 from undiscard.errors import UndiscardError, UnknownModelError
 
 pytest.importorskip("safetensors")
 
-_compat.ensure_torchvision()
+compat.ensure_torchvision()
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
 
 from conftest import EPS16, assert_close_scaled, depth_and_width  # noqa: E402
-from undiscard.models import LoadedModel, load_model, save_checkpoint  # noqa: E402
+from undiscard.models.classifiers import LoadedModel, load_model, save_checkpoint
 
 
 def _has_schema(name: str) -> bool:
@@ -34,8 +34,8 @@ def _has_schema(name: str) -> bool:
 
 def test_compat_guard_makes_timm_and_torchvision_importable():
     assert "torchvision" in sys.modules and "timm" in sys.modules
-    assert _compat.ensure_torchvision() is True  # idempotent
-    assert _compat.ensure_torchvision() is True
+    assert compat.ensure_torchvision() is True  # idempotent
+    assert compat.ensure_torchvision() is True
     out = torchvision.models.resnet18().eval()(torch.randn(1, 3, 32, 32))
     assert out.shape == (1, 1000)
 
@@ -44,14 +44,14 @@ def test_compat_guard_state_is_consistent():
     # Every op torchvision's Python code needs has a schema, whichever branch ran.
     for name in ("nms", "qnms", "roi_align", "deform_conv2d"):
         assert _has_schema(name)
-    if _compat.TORCHVISION_EXTENSION_ERROR is None:
+    if compat.TORCHVISION_EXTENSION_ERROR is None:
         # The real extension loaded: the guard must not have defined anything itself.
-        assert _compat.DEFINED_TORCHVISION_SCHEMAS == ()
+        assert compat.DEFINED_TORCHVISION_SCHEMAS == ()
         assert torchvision.extension._has_ops()
     else:
         # The extension failed: schemas were defined by us, and ops fail loudly.
-        assert "nms" in _compat.DEFINED_TORCHVISION_SCHEMAS
-        assert "qnms" in _compat.DEFINED_TORCHVISION_SCHEMAS
+        assert "nms" in compat.DEFINED_TORCHVISION_SCHEMAS
+        assert "qnms" in compat.DEFINED_TORCHVISION_SCHEMAS
         assert not torchvision.extension._has_ops()
         with pytest.raises(Exception):
             torchvision.ops.nms(torch.rand(3, 4), torch.rand(3), 0.5)

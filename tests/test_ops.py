@@ -30,18 +30,12 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import undiscard
-import undiscard._compat as _compat
-from undiscard.ops import (
-    avg_pool_at_offset,
-    conv_at_offset,
-    max_pool_at_offset,
-    pixel_unshuffle_at_offset,
-    shift_at_offset,
-)
+import undiscard.compat as compat
+from undiscard.sites.ops import avg_pool_at_offset, conv_at_offset, max_pool_at_offset, pixel_unshuffle_at_offset, shift_at_offset
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    _compat.ensure_torchvision()
+    compat.ensure_torchvision()
 
 DT = torch.float64
 N, C = 2, 3

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import undiscard
 from conftest import EPS16, assert_close_scaled, cached, rounding_ops
-from undiscard.method import Undiscard
-from undiscard.policy import evaluate_policy, fit_policy, pareto_front, policy_features
+from undiscard.method.classify import Undiscard
+from undiscard.evaluation.policy import evaluate_policy, fit_policy, pareto_front, policy_features
 
 
 def _setup():

@@ -95,7 +95,7 @@ def test_documented_values_are_read_off_the_comment():
 @pytest.fixture(scope="module")
 def setup_namespace():
     """SETUP (see the module docstring), built once; every block gets its own copy of the model."""
-    from undiscard.models import load_model
+    from undiscard.models.classifiers import load_model
 
     loaded = load_model(str(ROOT / "zoo" / "fmnist_resnet18.safetensors"))
     x = torch.randn(2, *loaded.input_size, generator=torch.Generator().manual_seed(0))
@@ -179,9 +179,9 @@ def test_import_undiscard_works_without_torchvision():
         "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
         "sys.meta_path.insert(0, Hide())\n"
         "import torch, undiscard\n"
-        "from undiscard import _compat\n"
+        "from undiscard import compat\n"
         "# called directly while the import-time finder is in place (its find_spec passes through it)\n"
-        "assert _compat.ensure_torchvision() is False and _compat.DEFINED_TORCHVISION_SCHEMAS == ()\n"
+        "assert compat.ensure_torchvision() is False and compat.DEFINED_TORCHVISION_SCHEMAS == ()\n"
         "try:\n"
         "    import torchvision\n"
         "except ModuleNotFoundError:\n"

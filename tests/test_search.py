@@ -7,8 +7,8 @@ import torch
 
 import undiscard
 from conftest import circular_net
-from undiscard.aggregate import entropy
-from undiscard.search import greedy_search, neighbours
+from undiscard.method.aggregate import entropy
+from undiscard.method.search import greedy_search, neighbours
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from undiscard.segment import wrap_segmentation
-from undiscard.segmodels import build_segmenter
+from undiscard.method.segment import wrap_segmentation
+from undiscard.models.segmenters import build_segmenter
 
 
 def test_a_model_seen_to_cross_sites_skips_the_trie_attempt_on_the_next_search_with_the_same_results():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from undiscard.seg_bench import SegBenchCase, format_seg_bench, run_seg_bench
+from undiscard.evaluation.seg_bench import SegBenchCase, format_seg_bench, run_seg_bench
 
 
 def test_seg_bench_smoke(tmp_path):

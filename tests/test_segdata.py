@@ -9,36 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import undiscard.data as data
+import undiscard.data.classification as data
 from conftest import assert_close_scaled
-from undiscard.data import IMAGENET_MEAN, IMAGENET_STD, load_fashion_mnist, split_indices
+from undiscard.data.classification import IMAGENET_MEAN, IMAGENET_STD, load_fashion_mnist, split_indices
 from undiscard.errors import DatasetNotFoundError, InputError, UndiscardError
-from undiscard.segdata import (
-    ADE20K_NUM_CLASSES,
-    CITYSCAPES_CLASSES,
-    IGNORE_INDEX,
-    ITEM_SIZE,
-    SEG_CLASSES,
-    SEG_MEAN,
-    SEG_NUM_CLASSES,
-    SEG_SPLIT_SIZES,
-    SEG_STD,
-    SEG_THRESHOLD,
-    CanvasLayout,
-    CanvasSegmentation,
-    FolderSegmentation,
-    InMemorySegmentation,
-    LazySegmentation,
-    SegMetrics,
-    ade20k,
-    canvas_layout,
-    canvas_seed,
-    cityscapes,
-    fashion_mnist_canvas,
-    load_segmentation,
-    open_segmentation,
-    render_canvases,
-)
+from undiscard.data.segmentation import ADE20K_NUM_CLASSES, CITYSCAPES_CLASSES, IGNORE_INDEX, ITEM_SIZE, SEG_CLASSES, SEG_MEAN, SEG_NUM_CLASSES, SEG_SPLIT_SIZES, SEG_STD, SEG_THRESHOLD, CanvasLayout, CanvasSegmentation, FolderSegmentation, InMemorySegmentation, LazySegmentation, SegMetrics, ade20k, canvas_layout, canvas_seed, cityscapes, fashion_mnist_canvas, load_segmentation, open_segmentation, render_canvases
 
 REAL = data.DEBIAN_FASHION_MNIST
 needs_real = pytest.mark.skipif(
@@ -351,7 +326,7 @@ def test_open_segmentation_reads_folder_sets_per_batch_only(tmp_path, monkeypatc
         open_segmentation(spec, None)
     # the canvases are rendered at once and held as tensors
     fake = torch.zeros(3, 1, 4, 4), torch.zeros(3, 4, 4, dtype=torch.int64)
-    monkeypatch.setattr("undiscard.segdata.fashion_mnist_canvas", lambda *a, **kw: fake)
+    monkeypatch.setattr("undiscard.data.segmentation.fashion_mnist_canvas", lambda *a, **kw: fake)
     mem, name, _, _ = open_segmentation("fashion-mnist-seg:val")
     assert isinstance(mem, InMemorySegmentation) and name == "fashion-mnist-seg:val" and len(mem) == 3
     assert mem.batch(1, 5)[0].shape == (2, 1, 4, 4)

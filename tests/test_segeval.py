@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from undiscard.cli import main
-from undiscard.seg_eval import PARTIAL_KIND, SegEvalConfig, run_seg_eval
+from undiscard.cli.main import main
+from undiscard.evaluation.segment import PARTIAL_KIND, SegEvalConfig, run_seg_eval
 from undiscard.statefile import load_state, save_state
-from undiscard.zoo import RESUME_KIND
+from undiscard.models.train_classifier import RESUME_KIND
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = {"deeplabv3": ROOT / "zoo" / "fmnist_seg_deeplabv3.safetensors",
@@ -50,7 +50,7 @@ def test_a_model_with_cross_site_skips_is_evaluated_through_the_fallback(tmp_pat
 
 
 def test_interrupted_seg_eval_resumes_to_the_same_numbers(tmp_path, monkeypatch):
-    import undiscard.evaluate as ev
+    import undiscard.evaluation.classify as ev
 
     cfg = SegEvalConfig(model="seg:deeplabv3-tiny", limit=8, batch_size=2, budgets=[1, 3], timing_images=1, repeats=1)
     full = run_seg_eval(cfg, tmp_path / "a.json", log=lambda m: None)
@@ -120,10 +120,10 @@ def test_shipped_segmenters_are_trained_and_exact_at_budget_one(name):
     path = SHIPPED[name]
     if not path.exists():
         pytest.skip(f"{path.name} not trained yet (scripts/train_seg.sh)")
-    from undiscard.segdata import fashion_mnist_canvas
-    from undiscard.segment import dense_logits, wrap_segmentation
-    from undiscard.segmodels import load_segmenter
-    from undiscard.segtrain import evaluate_segmenter
+    from undiscard.data.segmentation import fashion_mnist_canvas
+    from undiscard.method.segment import dense_logits, wrap_segmentation
+    from undiscard.models.segmenters import load_segmenter
+    from undiscard.models.train_segmenter import evaluate_segmenter
 
     loaded = load_segmenter(str(path))
     x, y = fashion_mnist_canvas("test", 96, limit=32)
@@ -135,8 +135,8 @@ def test_shipped_segmenters_are_trained_and_exact_at_budget_one(name):
 
 
 def test_train_segmenter_writes_a_checkpoint_that_loads_and_refuses_a_foreign_resume_file(tmp_path):
-    from undiscard.segmodels import load_segmenter
-    from undiscard.segtrain import SegRecipe, train_segmenter
+    from undiscard.models.segmenters import load_segmenter
+    from undiscard.models.train_segmenter import SegRecipe, train_segmenter
 
     out = tmp_path / "m.safetensors"
     recipe = SegRecipe.for_arch("segformer-tiny", steps=3, batch_size=4, val_images=4, size=64)
@@ -197,8 +197,8 @@ def test_mixed_size_ade20k_needs_and_evaluates_with_size(tmp_path, capsys):
 
 
 def test_folder_sets_are_read_a_batch_at_a_time(tmp_path, monkeypatch):
-    from undiscard.seg_eval import FIGURE_IMAGES
-    from undiscard.segdata import LazySegmentation
+    from undiscard.evaluation.segment import FIGURE_IMAGES
+    from undiscard.data.segmentation import LazySegmentation
 
     root = _ade_mixed(tmp_path / "ade", n=7)
     asked: list[int] = []
@@ -247,8 +247,8 @@ def test_default_budgets_drop_those_above_a_small_search_space(tmp_path, capsys)
 
 
 def test_default_budgets_per_task():
-    from undiscard.cli import build_parser
-    from undiscard.method import budgets_from
+    from undiscard.cli.main import build_parser
+    from undiscard.method.classify import budgets_from
 
     args = build_parser().parse_args(["eval", "timm:resnet18"])
     assert budgets_from(args.budget) == [1, 2, 4, 8, 16]  # classification: unchanged
@@ -286,8 +286,8 @@ def _bootstrap_reference(method, plain, resamples=1000, seed=0):
 
 @pytest.mark.parametrize("k,seed", [(11, 0), (150, 1), (3, 2)])
 def test_per_image_counts_give_the_numbers_of_confusion_matrices_bit_for_bit(k, seed):
-    from undiscard.seg_eval import bootstrap_gain, per_image_stats, summarize_stats
-    from undiscard.segdata import SegMetrics
+    from undiscard.evaluation.segment import bootstrap_gain, per_image_stats, summarize_stats
+    from undiscard.data.segmentation import SegMetrics
 
     g = torch.Generator().manual_seed(seed)
     n, ignore = 40, 255

@@ -15,19 +15,8 @@ import torch.nn.functional as F
 
 import undiscard
 from conftest import EPS16, assert_close_scaled, depth_and_width, rounding_ops
-from undiscard.segment import (
-    _LEVEL,
-    _SkipAlignMode,
-    aggregate_dense,
-    align_dense,
-    dense_forward,
-    dense_logits,
-    level_displacements,
-    mean_pixel_entropy,
-    upsample_logits,
-    wrap_segmentation,
-)
-from undiscard.segmodels import build_segmenter, load_segmenter, parameter_count, save_segmenter
+from undiscard.method.segment import _LEVEL, _SkipAlignMode, aggregate_dense, align_dense, dense_forward, dense_logits, level_displacements, mean_pixel_entropy, upsample_logits, wrap_segmentation
+from undiscard.models.segmenters import build_segmenter, load_segmenter, parameter_count, save_segmenter
 
 HAS_SMP = importlib.util.find_spec("segmentation_models_pytorch") is not None
 ROOT = Path(__file__).resolve().parents[1]
@@ -333,7 +322,7 @@ class SkipProbe(nn.Module):
 
 @torch.no_grad()
 def test_aligned_skips_shift_the_deep_map_onto_the_shallow_grid_before_the_fusion():
-    from undiscard.align import shift_cells
+    from undiscard.method.align import shift_cells
 
     model = SkipProbe().double().eval()
     x = torch.randn(1, 1, 16, 16, dtype=torch.double, generator=torch.Generator().manual_seed(9))
@@ -557,7 +546,7 @@ def test_loading_errors_are_clear(tmp_path, monkeypatch):
         load_segmenter("seg:unet-huge")
     with pytest.raises(undiscard.UnknownModelError, match="no such file"):
         load_segmenter(str(tmp_path / "missing.safetensors"))
-    from undiscard.models import save_checkpoint
+    from undiscard.models.classifiers import save_checkpoint
 
     cls = save_checkpoint(nn.Conv2d(1, 1, 1), tmp_path / "cls.safetensors", arch="timm:resnet18", num_classes=10,
                           in_chans=1, input_size=(1, 32, 32))

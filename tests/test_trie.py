@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import undiscard
 from conftest import assert_close_scaled, cached, rounding_ops
-from undiscard.trie import build_trie, run_trie
+from undiscard.run.trie import build_trie, run_trie
 
 MODELS = [
     ("timm", "resnet18", (("num_classes", 5),), (3, 64, 64)),
@@ -113,7 +113,7 @@ def test_chunked_equals_unchunked(max_batch):
 
 
 def test_requests_in_any_order_and_count_per_image():
-    from undiscard.trie import run_requests
+    from undiscard.run.trie import run_requests
 
     model = cached("timm", "resnet18", (("num_classes", 5),))
     x = torch.randn(3, 3, 64, 64)
@@ -165,7 +165,7 @@ def test_search_on_a_model_with_a_crossing_skip_falls_back_with_the_same_results
 
 
 def test_a_resumed_pass_computes_only_what_is_new():
-    from undiscard.trie import SharedPrefixEvaluator
+    from undiscard.run.trie import SharedPrefixEvaluator
 
     model = cached("timm", "resnet18", (("num_classes", 5),))
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))

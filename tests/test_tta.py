@@ -1,4 +1,4 @@
-"""Image-space TTA transforms: inverses, masks, names, policies, errors (undiscard.tta)."""
+"""Image-space TTA transforms: inverses, masks, names, policies, errors (undiscard.tta.transforms)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from undiscard import tta
+from undiscard.tta import transforms as tta
 from undiscard.errors import InputError, UndiscardError
 
 SIZE = (16, 20)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import undiscard
-from undiscard.models import load_model
+from undiscard.models.classifiers import load_model
 from undiscard.statefile import save_state
-from undiscard.zoo import RESUME_KIND, Recipe, train_backbone
+from undiscard.models.train_classifier import RESUME_KIND, Recipe, train_backbone
 
 
 def _recipe(**kw):

@@ -14,13 +14,13 @@ Activations at Test-Time", ECCV 2024, arXiv 2410.01083).
 # First: a CUDA torchvision next to a CPU torch cannot be imported (``operator torchvision::nms
 # does not exist``); the guard makes ``import undiscard, timm`` work. It loads nothing now, it
 # runs when torchvision is first imported, and only acts if torchvision's extension fails to load.
-from undiscard import _compat
+from undiscard import compat
 
-_compat.install_torchvision_guard()
+compat.install_torchvision_guard()
 
-from undiscard.aggregator import AttentionAggregator, load_aggregator
-from undiscard.compose import ImageTTA
-from undiscard.engine import run_states, use_states
+from undiscard.method.learned import AttentionAggregator, load_aggregator
+from undiscard.tta.compose import ImageTTA
+from undiscard.run.engine import run_states, use_states
 from undiscard.errors import (
     ConfigError,
     FileTrustError,
@@ -34,9 +34,10 @@ from undiscard.errors import (
     UndiscardError,
     UnknownModelError,
 )
-from undiscard.method import Undiscard, wrap
-from undiscard.segment import SegmentationUndiscard, wrap_segmentation
-from undiscard.sites import Site, SiteMap, SiteOp, find_sites
+from undiscard.method.classify import Undiscard, wrap
+from undiscard.method.segment import SegmentationUndiscard, wrap_segmentation
+from undiscard.sites.sitemap import Site, SiteMap, SiteOp
+from undiscard.sites.discover import find_sites
 
 __version__ = "0.1.0"
 

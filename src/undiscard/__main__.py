@@ -1,3 +1,3 @@
-from undiscard.cli import main
+from undiscard.cli.main import main
 import sys
 sys.exit(main())

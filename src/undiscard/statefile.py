@@ -23,7 +23,8 @@ import torch
 
 from undiscard.errors import FileTrustError, UndiscardError
 
-__all__ = ["check_output_path", "load_state", "looks_like_pickle", "save_state"]
+__all__ = ["check_output_path", "load_state", "looks_like_pickle", "save_state", "save_safetensors_atomic", "write_json_atomic",
+           "write_text_atomic"]
 
 _META_FORMAT = "undiscard.format"
 _META_STATE = "undiscard.state"
@@ -123,23 +124,45 @@ def looks_like_pickle(path: str | os.PathLike) -> bool:
     return (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or head[:4] == b"PK\x03\x04"
 
 
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    """Write ``text`` to ``path`` through a ``.tmp`` file and ``os.replace``: a reader (or an
+    interrupted run) never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike, indent: int = 2) -> Path:
+    """:func:`write_text_atomic` of ``obj`` as JSON, with a final newline."""
+    return write_text_atomic(json.dumps(obj, indent=indent) + "\n", path)
+
+
+def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict[str, str],
+                            tmp_name: str | None = None) -> Path:
+    """``safetensors.torch.save_file`` through a temporary file (``tmp_name`` beside ``path``, default
+    ``NAME.tmp``) and ``os.replace``."""
+    _, save_file = _safetensors()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(tmp_name or path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
 def save_state(obj: dict, path: str | os.PathLike, kind: str) -> Path:
     """Write ``obj`` (tensors and JSON values) to ``path`` atomically (a ``.tmp`` file, then ``os.replace``).
 
     ``kind`` names what the file holds (e.g. ``"undiscard.eval-partial/3"``);
     :func:`load_state` refuses a file of another kind.
     """
-    _, save_file = _safetensors()
-    path = Path(path)
     store = _Tensors()
     state = _encode(obj, store)
-    tensors = store.tensors
     meta = {_META_FORMAT: kind, _META_STATE: json.dumps(state, allow_nan=True)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return save_safetensors_atomic(store.tensors, path, meta)
 
 
 def load_state(path: str | os.PathLike, kind: str, *, what: str = "saved state", hint: str = "") -> dict:
