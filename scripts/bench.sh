@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The engine benchmark (issue 4): random-weight timm resnet18 / resnet50 / mobilenetv2_100,
+# The engine benchmark: random-weight timm resnet18 / resnet50 / mobilenetv2_100,
 # 224x224, batch 16, CPU; plain vs ours vs the re-run baseline vs the trie floor.
-# Writes results/bench_cpu.{json,png} and re-renders the README's benchmark section.
+# Writes results/bench_cpu.{json,png} and re-renders the benchmark section of docs/benchmarks.md
+# (without measuring: .venv/bin/undiscard bench --from-json results/bench_cpu.json --readme docs/benchmarks.md).
 # Takes about 15 minutes on 2 cores; extra arguments go to `undiscard bench`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh >/dev/null
-.venv/bin/undiscard bench --json results/bench_cpu.json --plot results/bench_cpu.png --readme README.md "$@"
+.venv/bin/undiscard bench --json results/bench_cpu.json --plot results/bench_cpu.png --readme docs/benchmarks.md "$@"

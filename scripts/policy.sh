@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Dataset-level policies vs per-image search on the zoo models (issue 4): fits on
-# fashion-mnist:val, evaluates on the test split, writes results/<arch>_policy.{json,png}.
+# Dataset-level policies vs per-image search on the 128-px models: fits on fashion-mnist:val,
+# evaluates on the test split, writes results/<arch>_policy.{json,png}, then re-renders the
+# results section of docs/results-128px.md (scripts/render_results.py).
 # Resumable: a finished part is kept in the JSON; rerun the same command to go on.
 # Usage: bash scripts/policy.sh [resnet18 mobilenetv2_100 pvt_v2_b0]
 set -euo pipefail

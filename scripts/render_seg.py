@@ -1,12 +1,12 @@
-"""Render results/seg_*.json into the README's segmentation section (between the markers).
+"""Render results/seg_*.json into the segmentation section of docs/segmentation.md (between the markers).
 
-    python scripts/render_seg.py          # rewrite README.md in place
+    python scripts/render_seg.py          # rewrite that section of docs/segmentation.md in place
     python scripts/render_seg.py --print  # print the section instead
 
 Every number in the section comes from results/seg_deeplabv3.json, results/seg_segformer.json
 (written by `scripts/seg_results.sh`), the training summaries zoo/fmnist_seg_*.json and, if
 present, the cost benchmark results/seg_bench_cpu.json (`scripts/seg_bench.sh`).
-Without the markers in README.md the section is printed and the script exits 0 with a note.
+Without the markers in docs/segmentation.md the section is printed and the script exits 0 with a note.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "segmentation.md"
 START, END = "<!-- seg:start -->", "<!-- seg:end -->"
 MODELS = [("deeplabv3", "DeepLabV3-tiny (torchvision DeepLabV3, timm ResNet, OS 16)"),
           ("segformer", "SegFormer-tiny (transformers)")]
@@ -47,7 +48,7 @@ def render() -> str:
     found = [f for f in found if f[2] is not None]
     bench = load(ROOT / "results" / "seg_bench_cpu.json")
     if not found:
-        return "_No segmentation results yet: run `bash scripts/seg_results.sh`._"
+        return "_No segmentation results: run `bash scripts/seg_results.sh`._"
     res0 = found[0][2]
     budgets = sorted({r["budget"] for r in res0["rows"] if r["budget"] > 1})
     aggs = [a for a in ("mean", "entropy") if row(res0, a, budgets[-1])]
@@ -186,17 +187,17 @@ def bench_lines(bench: dict) -> list[str]:
 
 def main(argv: list[str]) -> int:
     text = render()
-    readme = ROOT / "README.md"
-    body = readme.read_text() if readme.exists() else ""
+    body = DOC.read_text() if DOC.exists() else ""
     if "--print" in argv or START not in body or END not in body:
         print(text)
         if "--print" not in argv:
-            print(f"\nnote: README.md has no {START} ... {END} markers; printed the section instead", file=sys.stderr)
+            print(f"\nnote: {DOC.relative_to(ROOT)} has no {START} ... {END} markers; printed the section instead",
+                  file=sys.stderr)
         return 0
     head, rest = body.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
-    print(f"rendered the segmentation section into {readme}")
+    DOC.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    print(f"rendered the segmentation section into {DOC.relative_to(ROOT)}")
     return 0
 
 

@@ -1,4 +1,9 @@
-"""Render results/study/*.json (from scripts/study.sh) into docs/results.md and the README headline table."""
+"""Render results/study/*.json (from scripts/study.sh) into docs/results.md and the README headline table.
+
+docs/results.md is written whole; in README.md only the text between ``<!-- headline:start`` and
+``<!-- headline:end -->`` is replaced. The other generated sections live in their own files
+(docs/results-128px.md, docs/tta.md, docs/segmentation.md, docs/benchmarks.md).
+"""
 
 from __future__ import annotations
 
@@ -239,6 +244,9 @@ def main() -> int:
            "full 10 000-image Fashion-MNIST test split; choices are made on the 5 000 validation images held out "
            "of the training split. A gain is in top-1 points with its paired-bootstrap 95% interval and the exact "
            "McNemar p against the plain model on the same images; \"within noise\" means the interval contains 0.",
+           "", "The other measurements have their own pages: [one-epoch 128-px models](results-128px.md), "
+           "[image-space TTA](tta.md), [segmentation](segmentation.md) and [the engine's cost](benchmarks.md); "
+           "the definitions are in [method.md](method.md).",
            "", "## The zoo", "", *zoo_table(res), "",
            "## Headline: the configuration `undiscard fit` chooses on validation, on test", "", *headline(res), "",
            "## Calibration (temperatures fitted on validation)", "", *calibration_table(res), "",

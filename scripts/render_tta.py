@@ -1,6 +1,6 @@
-"""Render results/tta_*.json into the README's image-TTA section (between the markers).
+"""Render results/tta_*.json into the image-TTA section of docs/tta.md (between the markers).
 
-    python scripts/render_tta.py          # rewrite README.md in place
+    python scripts/render_tta.py          # rewrite that section of docs/tta.md in place
     python scripts/render_tta.py --print  # print the section instead
 
 Every number comes from a JSON file that `bash scripts/tta.sh` (`undiscard tta-study`) writes.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RES = ROOT / "results"
+DOC = ROOT / "docs" / "tta.md"
 START, END = "<!-- tta:start -->", "<!-- tta:end -->"
 MODELS = [("resnet18", "resnet18"), ("mobilenetv2_100", "mobilenetv2_100"), ("pvt_v2_b0", "pvt_v2_b0")]
 NAMES = {"mean": "Mean", "max": "Max", "gps": "GPS", "augtta": "AugTTA", "classtta": "ClassTTA", "flips": "Flips"}
@@ -43,7 +44,7 @@ def render() -> str:
     loaded = [(k, label, json.loads((RES / f"tta_{k}.json").read_text())) for k, label in MODELS
               if (RES / f"tta_{k}.json").exists()]
     if not loaded:
-        return "(no results yet: run `bash scripts/tta.sh`)"
+        return "(no results: run `bash scripts/tta.sh`)"
     s0 = loaded[0][2]
     feat = s0["study"]["feature_budget"]
     totals = s0["study"]["totals"]
@@ -131,15 +132,14 @@ def main() -> int:
     if "--print" in sys.argv:
         print(text)
         return 0
-    readme = ROOT / "README.md"
-    s = readme.read_text()
+    s = DOC.read_text() if DOC.exists() else ""
     if START not in s or END not in s:
-        print(f"README.md has no {START} ... {END} markers; section printed instead:\n")
+        print(f"{DOC.relative_to(ROOT)} has no {START} ... {END} markers; section printed instead:\n")
         print(text)
         return 0
     a, b = s.index(START) + len(START), s.index(END)
-    readme.write_text(s[:a] + "\n" + text + "\n" + s[b:])
-    print("README.md: image-TTA section rewritten")
+    DOC.write_text(s[:a] + "\n" + text + "\n" + s[b:])
+    print(f"{DOC.relative_to(ROOT)}: image-TTA section rewritten")
     return 0
 
 

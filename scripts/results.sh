@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate every number in the README's results section, then the section itself.
+# Regenerate every number of the results section of docs/results-128px.md, then the section itself.
 #   bash scripts/results.sh                      # everything (CPU: about 80 minutes on 2 cores)
 #   bash scripts/results.sh resnet18 ablation    # some stages: zoo model names and/or 'ablation'
 # CPU defaults (the shipped results): LIMIT=2000 SLICE=1000 AGG_IMAGES=1000.

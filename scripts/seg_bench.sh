@@ -4,7 +4,7 @@
 #   - the two shipped tiny models (zoo/fmnist_seg_*.safetensors), 96x96 canvases, 16 images, 1 thread;
 #   - random-weight torchvision deeplabv3_resnet50, 21 classes, 256x256 noise, batch R50_BATCH (default 4),
 #     2 threads, searched at its 3 main sites (64 states; its 1 inner site holds only 4).
-# Writes results/seg_bench_cpu.json and re-renders the README's segmentation section
+# Writes results/seg_bench_cpu.json and re-renders the segmentation section of docs/segmentation.md
 # (scripts/render_seg.py). About 2-3 minutes on 2 idle cores; extra arguments go to the module.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's segmentation section, end to end:
+# The segmentation section of docs/segmentation.md, end to end:
 #   1. trains zoo/fmnist_seg_{deeplabv3,segformer}.safetensors if missing (scripts/train_seg.sh);
 #   2. evaluates both on the first LIMIT fashion-mnist-seg:test canvases at B = 1, 4, 10
 #      (criterion entropy, aggregates mean and entropy) -> results/seg_*.json and .png;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Image-space TTA baselines without and with recovered activations (issue 5) on the zoo
-# models: `undiscard tta-study` per model -> results/tta_<arch>.json, then the README's
-# <!-- tta:start/end --> section (scripts/render_tta.py).
+# Image-space TTA baselines without and with recovered activations on the 128-px models:
+# `undiscard tta-study` per model -> results/tta_<arch>.json, then the <!-- tta:start/end -->
+# section of docs/tta.md (scripts/render_tta.py).
 # Logits are cached under runs/cache: a rerun (or an interrupted run) reuses them.
 # Usage: bash scripts/tta.sh [resnet18 mobilenetv2_100 pvt_v2_b0]
 # CPU defaults (the shipped results): VAL=500 LIMIT=1000 POOL=20 TOTALS=10,20 FEAT=5.

@@ -1,8 +1,9 @@
-"""README.md's Python examples run as written (doctest-style): documented examples cannot rot.
+"""The Python examples of README.md and docs/*.md run as written (doctest-style): documented
+examples cannot rot.
 
-Every ```python block of README.md runs, statement by statement, in a fresh namespace, with the
-repository root as working directory (for the ``zoo/`` paths). A block may use these names
-without defining them (SETUP; a block that defines one uses its own):
+Every ```python block of README.md and of every docs/*.md page runs, statement by statement, in
+a fresh namespace, with the repository root as working directory (for the ``zoo/`` paths). A
+block may use these names without defining them (SETUP; a block that defines one uses its own):
 
 * ``model``: the shipped Fashion-MNIST ResNet-18 (``zoo/fmnist_resnet18.safetensors``), eval mode;
 * ``x``: a batch of 2 random images of its input size, ``(2, 1, 128, 128)`` (seeded).
@@ -13,7 +14,7 @@ without the ``python`` tag (shell commands, program output) are not Python and a
 every ``python`` block is. Where a block imports a third-party package (timm, torchvision, ...),
 its imports also run in their order in a fresh interpreter, as a user's script would: where
 torchvision's C extension cannot load, importing timm or torchvision before undiscard fails
-(SPEC §6, README *Install*), and in-process the guard has already run (tests/conftest.py).
+(README *Install*), and in-process the guard has already run (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
 PYTHON_TAGS = ("python", "py", "python3")
 
 
-def python_blocks(text: str) -> list[tuple[int, str]]:
+def python_blocks(text: str, name: str = "README.md") -> list[tuple[int, str]]:
     """``(line of the block's first code line, code)`` of every fenced block tagged Python."""
     lines, blocks, i = text.splitlines(), [], 0
     while i < len(lines):
@@ -46,19 +48,22 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
         j = i + 1
         while j < len(lines) and not re.match(r"^\s*```\s*$", lines[j]):
             j += 1
-        assert j < len(lines), f"README.md:{i + 1}: a fenced block that never closes"
+        assert j < len(lines), f"{name}:{i + 1}: a fenced block that never closes"
         if m.group(1).lower() in PYTHON_TAGS:
             blocks.append((i + 2, "\n".join(lines[i + 1 : j])))
         i = j + 1
     return blocks
 
 
-BLOCKS = python_blocks(README.read_text())
+README_BLOCKS = python_blocks(README.read_text())
+#: ``(file name, line, code)`` of every Python block of README.md and docs/*.md
+BLOCKS = [("README.md", s, c) for s, c in README_BLOCKS] + [
+    (f"docs/{p.name}", s, c) for p in DOCS for s, c in python_blocks(p.read_text(), f"docs/{p.name}")]
 
 
 def test_the_readme_has_its_python_examples():
-    # the four sections with an API example: recovering accuracy, image TTA, segmentation, library API
-    assert len(BLOCKS) >= 4, BLOCKS
+    # the sections with an API example: the two quick starts (classification, segmentation), library API
+    assert len(README_BLOCKS) >= 4, README_BLOCKS
 
 
 def _comments(code: str) -> dict[int, str]:
@@ -103,25 +108,25 @@ def setup_namespace():
     return {"model": loaded.model.eval(), "x": x}
 
 
-@pytest.mark.parametrize("start,code", BLOCKS, ids=[f"README.md:{s}" for s, _ in BLOCKS])
-def test_readme_python_block_runs_as_written(start, code, setup_namespace, monkeypatch):
+@pytest.mark.parametrize("name,start,code", BLOCKS, ids=[f"{n}:{s}" for n, s, _ in BLOCKS])
+def test_readme_python_block_runs_as_written(name, start, code, setup_namespace, monkeypatch):
     monkeypatch.chdir(ROOT)
     ns = {"__name__": "__readme__", "model": copy.deepcopy(setup_namespace["model"]), "x": setup_namespace["x"].clone()}
-    tree = ast.parse(code, filename="README.md")
+    tree = ast.parse(code, filename=name)
     comments = _comments(code)
     checked = 0
     for stmt in tree.body:
-        ast.increment_lineno(stmt, start - 1)  # tracebacks point at README.md's own lines
-        where = f"README.md:{stmt.lineno}"
+        ast.increment_lineno(stmt, start - 1)  # tracebacks point at the file's own lines
+        where = f"{name}:{stmt.lineno}"
         if isinstance(stmt, ast.Expr):
-            value = eval(compile(ast.Expression(stmt.value), "README.md", "eval"), ns)
+            value = eval(compile(ast.Expression(stmt.value), name, "eval"), ns)
             want = documented_value(comments.get(stmt.end_lineno - start + 1, ""))
             if want is not _NO_VALUE:
                 got = value.tolist() if isinstance(value, torch.Tensor) else value
-                assert got == want, f"{where}: {ast.unparse(stmt.value)} is {got!r}; the README says {want!r}"
+                assert got == want, f"{where}: {ast.unparse(stmt.value)} is {got!r}; {name} says {want!r}"
                 checked += 1
         else:
-            exec(compile(ast.Module([stmt], type_ignores=[]), "README.md", "exec"), ns)
+            exec(compile(ast.Module([stmt], type_ignores=[]), name, "exec"), ns)
     if "space_size" in code:  # the library API block documents values: they were compared
         assert checked >= 3
 
@@ -139,18 +144,18 @@ def _third_party_imports(code: str) -> list[str]:
     return stmts if third_party else []
 
 
-IMPORTING = [(s, c) for s, c in BLOCKS if _third_party_imports(c)]
+IMPORTING = [(n, s, c) for n, s, c in BLOCKS if _third_party_imports(c)]
 
 
 def _fresh_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180)
 
 
-@pytest.mark.parametrize("start,code", IMPORTING, ids=[f"README.md:{s}" for s, _ in IMPORTING])
-def test_readme_block_imports_work_in_a_fresh_interpreter(start, code):
+@pytest.mark.parametrize("name,start,code", IMPORTING, ids=[f"{n}:{s}" for n, s, _ in IMPORTING])
+def test_readme_block_imports_work_in_a_fresh_interpreter(name, start, code):
     imports = "\n".join(_third_party_imports(code))
     res = _fresh_python(imports)
-    assert res.returncode == 0, f"README.md:{start}: {imports!r} fails in a fresh interpreter:\n{res.stderr[-3000:]}"
+    assert res.returncode == 0, f"{name}:{start}: {imports!r} fails in a fresh interpreter:\n{res.stderr[-3000:]}"
 
 
 def test_import_undiscard_then_timm_works_and_undiscard_alone_loads_nothing_of_torchvision():
