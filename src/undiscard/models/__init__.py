@@ -9,5 +9,6 @@
 """
 
 from undiscard.models.classifiers import LoadedModel, load_model, save_checkpoint
+from undiscard.models.segmenters import LoadedSegmenter, load_segmenter
 
-__all__ = ["LoadedModel", "load_model", "save_checkpoint"]
+__all__ = ["LoadedModel", "load_model", "save_checkpoint", "LoadedSegmenter", "load_segmenter"]
