@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import undiscard.models.classifiers
 from undiscard.evaluation.checks import run_checks
-from undiscard.cli.main import main
+from undiscard.cli.app import main
 from undiscard.models.classifiers import LoadedModel
 
 

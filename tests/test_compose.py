@@ -150,7 +150,7 @@ def test_paired_interval_brackets_the_difference_and_is_zero_for_identical_resul
     (["tta-study", "zoo/fmnist_resnet18.safetensors", "--feature-budget", "1"], "--feature-budget"),
 ])
 def test_image_tta_options_that_would_be_ignored_are_clear_errors(argv, needle, capsys):
-    from undiscard.cli.main import main
+    from undiscard.cli.app import main
 
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -158,7 +158,7 @@ def test_image_tta_options_that_would_be_ignored_are_clear_errors(argv, needle, 
 
 
 def test_fitted_image_aggregators_are_saved_and_reapplied_and_a_mismatch_is_refused(tmp_path, capsys):
-    from undiscard.cli.main import main
+    from undiscard.cli.app import main
 
     base = ["eval", "zoo/fmnist_resnet18.safetensors", "--limit", "8", "--tta-val-images", "16", "--tta-pool", "4",
             "--timing-images", "2", "--repeats", "1", "--threads", "1", "--cache-dir", str(tmp_path / "c"),

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import undiscard.evaluation.classify as ev
-from undiscard.cli.main import main
+from undiscard.cli.app import main
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "zoo" / "fmnist_resnet18.safetensors"
@@ -89,7 +89,7 @@ INTERRUPT = textwrap.dedent("""
     # rank 1 stops (Ctrl-C) right after saving its first batch: an interrupted torchrun eval
     import os, sys
     import undiscard.evaluation.classify as ev
-    from undiscard.cli.main import main
+    from undiscard.cli.app import main
 
     if os.environ["RANK"] == "1":
         real = ev._save_atomic

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import EPS32, cached
-from undiscard.cli.main import main
+from undiscard.cli.app import main
 from undiscard.evaluation.classify import EvalConfig, calibration_error, run_eval
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +119,7 @@ def test_train_aggregator_writes_a_checkpoint_the_wrapper_uses(tmp_path):
     out = tmp_path / "agg.safetensors"
     train_aggregator(w, x, y, out, states_per_image=4, epochs=2, batch_size=8, dim=16, heads=2, log=lambda m: None)
     agg = load_aggregator(out, model, w.sites_for(x))
-    assert agg.meta["undiscard.feature_dim"] == "512" and agg.meta["undiscard.method.align"] == "1"
+    assert agg.meta["undiscard.feature_dim"] == "512" and agg.meta["undiscard.align"] == "1"
     assert any(p.abs().sum() > 0 for p in agg.proj_out.parameters())  # it learned something
     logits = wrap(model, budget=3, aggregate="attention", aggregator=out)(x[:2])
     assert logits.shape == (2, 4) and torch.isfinite(logits).all()

@@ -99,7 +99,7 @@ def test_a_config_is_refused_for_another_model(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(undiscard.ConfigError, match="not a configuration"):
         load_config(tmp_path / "bad.json", model)
-    (tmp_path / "evil.json").write_text(json.dumps({"kind": "undiscard.method.config/1", "wrap": {"__class__": 1}}))
+    (tmp_path / "evil.json").write_text(json.dumps({"kind": "undiscard.config/1", "wrap": {"__class__": 1}}))
     with pytest.raises(undiscard.ConfigError, match="unknown wrap settings"):
         load_config(tmp_path / "evil.json")
 
@@ -230,7 +230,7 @@ def test_consistency_is_complete_for_a_shift_invariant_model():
 
 
 def test_fit_command_writes_a_config_eval_applies(tmp_path, capsys):
-    from undiscard.cli.main import main
+    from undiscard.cli.app import main
     from undiscard.models.classifiers import load_model, save_checkpoint
 
     torch.manual_seed(0)

@@ -122,3 +122,81 @@ def test_the_layers_below_method_do_not_need_models_data_or_the_cli():
             "'undiscard.evaluation', 'timm', 'torchvision', 'matplotlib'))]; print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=SRC)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+HISTORY = ("so far", "as of now", "not yet", "for now", "this environment")
+OUTSIDE = ("SPEC §", "SPEC.md", "../shared", "STYLE.md", "paper-summary")
+
+
+def test_the_source_cites_only_files_of_the_repository_and_tells_no_history():
+    import re
+
+    bad = []
+    for m, path in MODULES.items():
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            low = line.lower()
+            if any(w in low for w in HISTORY) or any(w in line for w in OUTSIDE) or re.search(r"\bissue #?\d", low):
+                bad.append(f"{path.relative_to(SRC)}:{i}: {line.strip()}")
+    assert not bad, "\n".join(bad)
+
+
+def test_docs_the_source_cites_exist():
+    import re
+
+    root = SRC.parent
+    cited = {c for p in MODULES.values() for c in re.findall(r"\bdocs/[\w./-]+\.md", p.read_text())}
+    assert cited, "the source cites docs/ pages"
+    missing = sorted(c for c in cited if not (root / c).is_file())
+    assert not missing, f"docs cited in src/ that do not exist: {missing}"
+
+
+#: The public face of the package: a change here is a change of the API (add to it deliberately).
+PUBLIC = {
+    "undiscard": ["find_sites", "run_states", "use_states", "wrap", "Undiscard", "ImageTTA", "wrap_segmentation",
+                  "SegmentationUndiscard", "AttentionAggregator", "load_aggregator", "Site", "SiteMap", "SiteOp",
+                  "UndiscardError", "ConfigError", "FileTrustError", "InputError", "ModelModeError", "OptionError",
+                  "SplitError", "NoSubsamplingSiteError", "SiteMismatchError", "StateError", "UnknownModelError"],
+    "undiscard.sites": ["find_sites", "Site", "SiteMap", "SiteOp"],
+    "undiscard.run": ["run_states", "use_states", "SharedPrefixEvaluator", "run_trie"],
+    "undiscard.method": ["Undiscard", "wrap", "SegmentationUndiscard", "wrap_segmentation"],
+    "undiscard.tta": ["ImageTTA", "compose"],
+    "undiscard.models": ["LoadedModel", "load_model", "save_checkpoint", "LoadedSegmenter", "load_segmenter"],
+    "undiscard.cli": ["build_parser", "main"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_the_public_names_are_frozen_and_importable(name):
+    import importlib
+
+    mod = importlib.import_module(name)
+    assert sorted(mod.__all__) == sorted(PUBLIC[name])
+    missing = [n for n in mod.__all__ if not hasattr(mod, n)]
+    assert not missing, f"{name}.__all__ names what it does not define: {missing}"
+
+
+def test_every_module_declares_what_it_exports():
+    import importlib
+
+    bad = []
+    for m in MODULES:
+        if m.endswith("__main__") or m in ("undiscard.data", "undiscard.evaluation"):
+            continue
+        mod = importlib.import_module(m)
+        names = getattr(mod, "__all__", None)
+        if names is None or any(not hasattr(mod, n) for n in names):
+            bad.append(m)
+    assert not bad, f"modules without a valid __all__: {bad}"
+
+
+def test_the_cli_docstring_and_help_list_every_subcommand(capsys):
+    import undiscard.cli.app as cli
+
+    parser = cli.build_parser()
+    names = [a for a in parser._subparsers._group_actions[0].choices]
+    assert len(names) == len(cli.SUBCOMMANDS) >= 10
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    shown = capsys.readouterr().out
+    missing = [n for n in names if f"undiscard {n} " not in cli.__doc__ or n not in shown]
+    assert not missing, f"subcommands missing from the cli docstring or --help: {missing}"

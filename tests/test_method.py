@@ -125,8 +125,8 @@ def test_aggregator_checkpoint_round_trip_and_mismatch(tmp_path, model, x):
     for p in agg.parameters():
         torch.nn.init.normal_(p, std=0.05)
     path = save_aggregator(agg, tmp_path / "agg.safetensors", {
-        "undiscard.backbone_fingerprint": backbone_fingerprint(model), "undiscard.sites.discover": sites_signature(sites),
-        "undiscard.method.align": "1"})
+        "undiscard.backbone_fingerprint": backbone_fingerprint(model), "undiscard.sites": sites_signature(sites),
+        "undiscard.align": "1"})
     back = load_aggregator(path, model, sites)
     f, c = torch.randn(2, 3, 4, 512), torch.rand(2, 3, 2)
     assert torch.equal(agg(f, c)[0], back(f, c)[0])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from undiscard.cli.main import main
+from undiscard.cli.app import main
 from undiscard.evaluation.segment import PARTIAL_KIND, SegEvalConfig, run_seg_eval
 from undiscard.statefile import load_state, save_state
 from undiscard.models.train_classifier import RESUME_KIND
@@ -50,11 +50,11 @@ def test_a_model_with_cross_site_skips_is_evaluated_through_the_fallback(tmp_pat
 
 
 def test_interrupted_seg_eval_resumes_to_the_same_numbers(tmp_path, monkeypatch):
-    import undiscard.evaluation.classify as ev
+    import undiscard.evaluation.segment as ev
 
     cfg = SegEvalConfig(model="seg:deeplabv3-tiny", limit=8, batch_size=2, budgets=[1, 3], timing_images=1, repeats=1)
     full = run_seg_eval(cfg, tmp_path / "a.json", log=lambda m: None)
-    real = ev._progress
+    real = ev.progress
 
     class Boom:
         def __init__(self, *a):
@@ -69,11 +69,11 @@ def test_interrupted_seg_eval_resumes_to_the_same_numbers(tmp_path, monkeypatch)
         def close(self):
             self.bar.close()
 
-    monkeypatch.setattr(ev, "_progress", Boom)
+    monkeypatch.setattr(ev, "progress", Boom)
     with pytest.raises(KeyboardInterrupt):
         run_seg_eval(cfg, tmp_path / "b.json", log=lambda m: None)
     assert load_state(tmp_path / "b.partial.safetensors", PARTIAL_KIND)["done"] == 4  # nothing unpickled
-    monkeypatch.setattr(ev, "_progress", real)
+    monkeypatch.setattr(ev, "progress", real)
     other = SegEvalConfig(**{**cfg.__dict__, "budgets": [1, 2]})
     with pytest.raises(Exception, match="--fresh"):
         run_seg_eval(other, tmp_path / "b.json", log=lambda m: None)
@@ -247,7 +247,7 @@ def test_default_budgets_drop_those_above_a_small_search_space(tmp_path, capsys)
 
 
 def test_default_budgets_per_task():
-    from undiscard.cli.main import build_parser
+    from undiscard.cli.app import build_parser
     from undiscard.method.classify import budgets_from
 
     args = build_parser().parse_args(["eval", "timm:resnet18"])

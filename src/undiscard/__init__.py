@@ -2,8 +2,8 @@
 
 Subsampling layers (strided convs, pooling, patch embeddings, patch merging) keep one
 offset of every stride grid. undiscard finds every such site in any PyTorch model and
-runs the network under other offsets ("states"), per sample, exactly (SPEC §2 of the
-project; Yang et al., "Deep Nets with Subsampling Layers Unwittingly Discard Useful
+runs the network under other offsets ("states"), per sample, exactly (docs/method.md;
+after Yang et al., "Deep Nets with Subsampling Layers Unwittingly Discard Useful
 Activations at Test-Time", ECCV 2024, arXiv 2410.01083).
 
     >>> sites = undiscard.find_sites(model, x[:1])          # doctest: +SKIP

@@ -1,3 +1,3 @@
-from undiscard.cli.main import main
+from undiscard.cli.app import main
 import sys
 sys.exit(main())

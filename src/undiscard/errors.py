@@ -7,6 +7,10 @@ failures without catching bugs.
 
 from __future__ import annotations
 
+__all__ = ["UndiscardError", "NoSubsamplingSiteError", "InputError", "StateError", "OptionError",
+           "ModelModeError", "SplitError", "FileTrustError", "UnknownModelError", "SiteMismatchError",
+           "DatasetNotFoundError", "ConfigError"]
+
 
 class UndiscardError(Exception):
     """Base class of every error undiscard raises on purpose."""

@@ -5,7 +5,7 @@ Three things live here, one question each: *what are the pixels and their labels
 
 **fashion-mnist-seg** (needs torch and the Fashion-MNIST files only). A real-image,
 deterministic semantic-segmentation set built here because no segmentation data can
-be fetched in this environment. Canvas ``i`` of a split is a black ``size x size``
+be assumed on a machine without network access. Canvas ``i`` of a split is a black ``size x size``
 image on which ``k`` (``items``, default 2-4) Fashion-MNIST items *of the same split*
 are pasted (train canvases use only the 55,000 ``"train"`` items, ``"val"`` only the
 5,000 ``"val"`` items, ``"test"`` only the 10,000 test-file items; drawn with
@@ -670,7 +670,7 @@ class LazySegmentation:
     ``batch(lo, hi)`` decodes only items ``lo .. hi - 1`` of the selection (clipped to its
     end) and stacks them, so an evaluation holds one batch of a split in memory, not the
     split. All items have the same ``image_size`` ``(H, W)`` (checked from the file headers
-    by :func:`open_segmentation`). ``reads`` counts the items decoded so far.
+    by :func:`open_segmentation`). ``reads`` counts the items decoded.
     """
 
     def __init__(self, dataset: FolderSegmentation, start: int, stop: int, image_size: tuple[int, int],

@@ -407,7 +407,7 @@ def plot_bench(result: dict, path: str | os.PathLike) -> Path:
 
 
 def write_readme(result: dict, readme: str | os.PathLike, tag: str = "bench") -> None:
-    """Replace the README text between ``<!-- {tag}:start -->`` and ``<!-- {tag}:end -->``."""
+    """Replace the text of a Markdown file between ``<!-- {tag}:start -->`` and ``<!-- {tag}:end -->``."""
     p = Path(readme)
     text = p.read_text()
     a, b = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"

@@ -578,7 +578,7 @@ def _run_eval(cfg: EvalConfig, out_path: Path | None, log, fresh: bool, d: _Dist
                 from undiscard.run.engine import use_states
 
                 full = sites.with_searchable("main")
-                for i, k, st in single:
+                for i, k, _ in single:
                     with use_states(model, full, st):
                         acc(f"single|{i}|{k}").add(model(xb), yb)
             state["batches"] += 1
@@ -630,7 +630,7 @@ def _run_eval(cfg: EvalConfig, out_path: Path | None, log, fresh: bool, d: _Dist
                          time_ratio=None if t is None else t / t_plain)
                 rows.append(r)
     singles = []
-    for i, k, st in single:
+    for i, k, _ in single:
         r = accs[f"single|{i}|{k}"].summary()
         site = sites.sites[i]
         r.update(site=i, site_name=site.name, offset=list(site.offset_of(k)), searchable=i in sites.searchable)

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from undiscard.method.aggregate import entropy, entropy_weights
+from undiscard.method.aggregate import entropy, entropy_weights, weighted_mean
 from undiscard.errors import OptionError, UndiscardError
 from undiscard.method.search import greedy_search, image_seeds
 from undiscard.sites.sitemap import SiteMap
@@ -143,8 +143,7 @@ def aggregate_logits(logits: torch.Tensor, how: str) -> torch.Tensor:
     if how == "mean":
         return logits.mean(1)
     if how == "entropy":
-        w = entropy_weights(logits).to(logits.dtype)
-        return (w[..., None] * logits).sum(1)
+        return weighted_mean(logits, entropy_weights(logits))
     raise OptionError(f"aggregate must be mean or entropy here; got {how!r}")
 
 

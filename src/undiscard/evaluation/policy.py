@@ -1,6 +1,6 @@
 """A dataset-level offset policy: one fixed, ordered list of states for every image.
 
-Per-image search (SPEC §3) pays for its adaptivity: ``B`` states per image, found one
+Per-image search (docs/method.md, "Search") pays for its adaptivity: ``B`` states per image, found one
 step at a time. A *policy* is fitted once on the validation split, the way GPS
 (Molchanov et al. 2020) picks image augmentations: start from the default state and
 greedily append the state whose addition most lowers the NLL of the aggregated (mean of

@@ -152,69 +152,56 @@ def load_model_and_data(cfg: SegEvalConfig, log=print):
 
 # ---------------------------------------------------------------- the evaluation
 
-def run_seg_eval(cfg: SegEvalConfig, out_json: str | os.PathLike | None = None, log=print, *,
-                 fresh: bool = False, figure: str | os.PathLike | None = None,
-                 default_budgets: bool = False) -> dict:
-    """Run the evaluation described by ``cfg``; return (and write) the results dict.
-
-    ``default_budgets``: ``cfg.budgets`` are defaults, not asked for: those above the
-    model's search space are dropped with a note (otherwise they are an error).
-    """
+def _saved_state(cfg: SegEvalConfig, out_path: Path | None, config: dict, fresh: bool, figure, log
+                 ) -> tuple[dict, dict | None]:
+    """``(state to resume from, completed result or None)``: the saved files of an earlier run
+    are read (or refused, or deleted with ``fresh``) before the model and the data are loaded."""
     from undiscard.evaluation.classify import completed_result
-    from undiscard.method.segment import dense_logits, wrap_segmentation
-    from undiscard.models.segmenters import parameter_count
-    from undiscard.statefile import check_output_path, load_state, save_state
+    from undiscard.statefile import check_output_path, load_state
 
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        raise UndiscardError("segmentation evaluation runs in one process; launch it without torchrun (unset WORLD_SIZE)")
-    out_path = Path(out_json) if out_json else None
-    config = json.loads(json.dumps(dict(cfg.__dict__)))  # as saved (JSON values) and compared on a rerun
-    partial = out_path.with_suffix(".partial.safetensors") if out_path is not None else None
-    legacy = out_path.with_suffix(".partial.pt") if out_path is not None else None  # older versions' pickle
     state: dict[str, Any] = {"version": PARTIAL_VERSION, "config": config, "batches": 0, "done": 0, "stats": {}}
-    # saved state first: a refusal should not wait for the model and the data
-    if partial is not None:
-        check_output_path(out_path, "--json")
-        if fresh:
-            for f in (partial, legacy, out_path):
-                if f.exists():
-                    f.unlink()
-                    log(f"--fresh: deleted {f}")
-        done = completed_result(out_path, config, task="segmentation", command="undiscard eval --task segmentation",
-                                defaults={"skip_corrupt": False})
-        if done is not None:
-            log(f"{out_path} is complete (saved by a run with the same arguments): its results, nothing recomputed; "
-                "add --fresh to recompute them")
-            if figure is not None:  # the figure is not saved: drawn again from the first images
-                loaded, data, *_ = load_model_and_data(cfg, log)
-                common = dict(searchable=cfg.searchable, max_batch=cfg.max_batch, engine=cfg.engine, seed=cfg.seed,
-                              width=cfg.width)
-                xs, ys = data.batch(0, FIGURE_IMAGES)
-                plot_segmentation(done, figure_samples(loaded.model, xs, ys, done, common), figure)
-            return done
-        if legacy.exists():
-            raise UndiscardError(f"{legacy}: partial evaluation in a pickle format; it is not "
-                                 "loaded (unpickling a file can run code) and cannot be resumed: add --fresh to delete "
-                                 "it and start over")
-        if partial.exists():
-            prev = load_state(partial, PARTIAL_KIND, what="partial segmentation evaluation",
-                              hint="add --fresh to delete it and start over")
-            if prev.get("config") != config:
-                raise UndiscardError(f"{partial}: partial evaluation saved with other arguments "
-                                     f"({config_diff(prev.get('config') or {}, config)}); rerun with the same arguments "
-                                     "to resume it, or add --fresh to delete it and start over")
-            state = prev
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    loaded, data, data_name, k, ignore, notes = load_model_and_data(cfg, log)
-    model = loaded.model
-    n = len(data)
-    if n == 0:
-        raise UndiscardError(f"no images to evaluate in {cfg.data} (start {cfg.start}, limit {cfg.limit})")
-    first = data.batch(0, 1)[0]
-    common = dict(searchable=cfg.searchable, max_batch=cfg.max_batch, engine=cfg.engine, seed=cfg.seed, width=cfg.width)
-    probe = wrap_segmentation(model, budget=1, **common)
-    sites = probe.sites_for(first)
+    if out_path is None:
+        return state, None
+    partial = out_path.with_suffix(".partial.safetensors")
+    legacy = out_path.with_suffix(".partial.pt")  # older versions' pickle
+    check_output_path(out_path, "--json")
+    if fresh:
+        for f in (partial, legacy, out_path):
+            if f.exists():
+                f.unlink()
+                log(f"--fresh: deleted {f}")
+    done = completed_result(out_path, config, task="segmentation", command="undiscard eval --task segmentation",
+                            defaults={"skip_corrupt": False})
+    if done is not None:
+        log(f"{out_path} is complete (saved by a run with the same arguments): its results, nothing recomputed; "
+            "add --fresh to recompute them")
+        if figure is not None:  # the figure is not saved: drawn again from the first images
+            loaded, data, *_ = load_model_and_data(cfg, log)
+            xs, ys = data.batch(0, FIGURE_IMAGES)
+            plot_segmentation(done, figure_samples(loaded.model, xs, ys, done, _wrap_options(cfg)), figure)
+        return state, done
+    if legacy.exists():
+        raise UndiscardError(f"{legacy}: partial evaluation in a pickle format; it is not "
+                             "loaded (unpickling a file can run code) and cannot be resumed: add --fresh to delete "
+                             "it and start over")
+    if partial.exists():
+        prev = load_state(partial, PARTIAL_KIND, what="partial segmentation evaluation",
+                          hint="add --fresh to delete it and start over")
+        if prev.get("config") != config:
+            raise UndiscardError(f"{partial}: partial evaluation saved with other arguments "
+                                 f"({config_diff(prev.get('config') or {}, config)}); rerun with the same arguments "
+                                 "to resume it, or add --fresh to delete it and start over")
+        state = prev
+    return state, None
+
+
+def _wrap_options(cfg: SegEvalConfig) -> dict:
+    """The :func:`~undiscard.method.segment.wrap_segmentation` options every wrapper of the run shares."""
+    return dict(searchable=cfg.searchable, max_batch=cfg.max_batch, engine=cfg.engine, seed=cfg.seed, width=cfg.width)
+
+
+def _budgets(cfg: SegEvalConfig, sites, default_budgets: bool, notes: list[str], log) -> list[int]:
+    """The budgets to evaluate: defaults above the search space are dropped (with a note), asked-for ones refused."""
     budgets = list(cfg.budgets)
     if default_budgets:
         dropped = [b for b in budgets if b > sites.space_size]
@@ -228,28 +215,27 @@ def run_seg_eval(cfg: SegEvalConfig, out_json: str | os.PathLike | None = None, 
     if bmax > sites.space_size:
         raise UndiscardError(f"budget {bmax} exceeds the search space of {sites.space_size} states (searchable sites "
                              f"{list(sites.searchable)}); lower --budget or use --searchable main/all")
-    # per-image TP / FP / FN per class (int32 (n, 3, K) per configuration): the totals give mIoU and pixel
-    # accuracy, resampling the images the bootstrap interval of each configuration's gain over the plain model
+    return budgets
+
+
+def _count_images(cfg: SegEvalConfig, model, data, wrapped: dict, unaligned: dict, budgets: list[int], k: int,
+                  ignore: int, state: dict, partial: Path | None, desc: str) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Per configuration, the per-image TP / FP / FN per class (int32 ``(n, 3, K)``), batch by batch,
+    saving ``state`` to ``partial`` after each batch; and the engines the searches ran on."""
+    from undiscard.method.segment import dense_logits
+    from undiscard.statefile import save_state
+
+    n = len(data)
+    # the totals give mIoU and pixel accuracy; resampling the images, the bootstrap interval of each
+    # configuration's gain over the plain model
     stats: dict[str, list[torch.Tensor]] = {key: [v] for key, v in state["stats"].items()}
 
     def count(key: str, pred: torch.Tensor, target: torch.Tensor) -> None:
         stats.setdefault(key, []).append(per_image_stats(pred, target, k, ignore))
 
-    wrapped = {c: wrap_segmentation(model, budget=bmax, criterion=c, aggregate=cfg.aggregates[0], **common)
-               for c in cfg.criteria}
-    # A decoder that fuses maps from both sides of a searched site (SegFormer, U-Net): the skips are
-    # aligned at the fusion; the same search without that alignment is reported beside it (ablation).
-    with torch.no_grad():
-        probe2 = wrap_segmentation(model, budget=min(2, sites.space_size), **common)
-        probe2.search(first)
-    fused = probe2.last_out_level is not None and probe2.last_out_level < len(sites.searchable)
-    unaligned = ({c: wrap_segmentation(model, budget=bmax, criterion=c, aggregate=cfg.aggregates[0], align_skips=False,
-                                       **common) for c in cfg.criteria} if fused else {})
     engines: set[str] = set(state.get("engines", []))
     bs = cfg.batch_size
-    if state["done"]:
-        log(f"resuming at image {state['done']}/{n}")
-    bar = progress(n, f"eval {Path(loaded.spec).name}")
+    bar = progress(n, desc)
     bar.update(state["done"])
     with torch.no_grad(), contextlib.closing(bar):  # closed on an error too: its line ends
         for s in range(state["batches"] * bs, n, bs):
@@ -274,50 +260,107 @@ def run_seg_eval(cfg: SegEvalConfig, out_json: str | os.PathLike | None = None, 
                 state["engines"] = sorted(engines)
                 save_state(state, partial, PARTIAL_KIND)
             bar.update(len(yb))
-    per_image = {key: torch.cat(v) for key, v in stats.items()}
+    return {key: torch.cat(v) for key, v in stats.items()}, engines
 
-    # ---- cost, side by side in this process
-    log("timing ...")
-    xt = data.batch(0, cfg.timing_images)[0]
-    nt = xt.shape[0]
+
+def _timing(cfg: SegEvalConfig, model, xt: torch.Tensor, budgets: list[int]) -> tuple[float, dict[str, float]]:
+    """Seconds per batch ``xt`` of the plain model and of every configuration, side by side in this process."""
+    from undiscard.method.segment import dense_logits, wrap_segmentation
+
     with torch.no_grad():
         t_plain = median_time(lambda: dense_logits(model, xt), cfg.repeats)
         timing: dict[str, float] = {}
         for c in cfg.criteria:
             for b in budgets:
                 for a in cfg.aggregates:
-                    w = wrap_segmentation(model, budget=b, criterion=c, aggregate=a, **common)
+                    w = wrap_segmentation(model, budget=b, criterion=c, aggregate=a, **_wrap_options(cfg))
                     timing[f"{c}|{a}|{b}"] = median_time(lambda: w(xt), cfg.repeats)
+    return t_plain, timing
 
-    def summary(key: str) -> dict:
-        return summarize_stats(per_image[key].sum(0))
 
-    plain = summary("plain")
-    plain.update(ms_per_image=1000 * t_plain / nt, time_ratio=1.0)
-    rows = []
+def _rows(cfg: SegEvalConfig, per_image: dict, plain: dict, budgets: list[int], unaligned: dict, timing: dict,
+          t_plain: float, nt: int) -> tuple[list[dict], list[dict]]:
+    """The result rows (mIoU, gain with its interval, cost) and the skips-unaligned ablation rows."""
+    rows, ablation = [], []
     for c in cfg.criteria:
         for a in cfg.aggregates:
             for b in budgets:
                 key = f"{c}|{a}|{b}"
-                r = summary(key)
+                r = summarize_stats(per_image[key].sum(0))
                 t = timing[key]
                 lo, hi = bootstrap_gain(per_image[key], per_image["plain"], seed=cfg.seed)
                 r.update(criterion=c, aggregate=a, budget=b, miou_gain=r["miou"] - plain["miou"],
                          miou_gain_ci95=[lo, hi], ms_per_image=1000 * t / nt, time_ratio=t / t_plain,
                          align_skips=True)
                 rows.append(r)
-    ablation = []
     for c in unaligned:
         for a in cfg.aggregates:
             for b in budgets:
                 key = f"{c}|{a}|{b}|skips-unaligned"
                 if key not in per_image:
                     continue
-                r = summary(key)
+                r = summarize_stats(per_image[key].sum(0))
                 lo, hi = bootstrap_gain(per_image[key], per_image["plain"], seed=cfg.seed)
                 r.update(criterion=c, aggregate=a, budget=b, miou_gain=r["miou"] - plain["miou"],
                          miou_gain_ci95=[lo, hi], align_skips=False)
                 ablation.append(r)
+    return rows, ablation
+
+
+def run_seg_eval(cfg: SegEvalConfig, out_json: str | os.PathLike | None = None, log=print, *,
+                 fresh: bool = False, figure: str | os.PathLike | None = None,
+                 default_budgets: bool = False) -> dict:
+    """Run the evaluation described by ``cfg``; return (and write) the results dict.
+
+    ``default_budgets``: ``cfg.budgets`` are defaults, not asked for: those above the
+    model's search space are dropped with a note (otherwise they are an error).
+    Steps: the saved state (:func:`_saved_state`), the budgets, the per-image counts
+    (:func:`_count_images`, resumable), the timing, the rows, the result file.
+    """
+    from undiscard.method.segment import wrap_segmentation
+    from undiscard.models.segmenters import parameter_count
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise UndiscardError("segmentation evaluation runs in one process; launch it without torchrun (unset WORLD_SIZE)")
+    out_path = Path(out_json) if out_json else None
+    config = json.loads(json.dumps(dict(cfg.__dict__)))  # as saved (JSON values) and compared on a rerun
+    partial = out_path.with_suffix(".partial.safetensors") if out_path is not None else None
+    state, done = _saved_state(cfg, out_path, config, fresh, figure, log)  # a refusal does not wait for the model
+    if done is not None:
+        return done
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    loaded, data, data_name, k, ignore, notes = load_model_and_data(cfg, log)
+    model = loaded.model
+    n = len(data)
+    if n == 0:
+        raise UndiscardError(f"no images to evaluate in {cfg.data} (start {cfg.start}, limit {cfg.limit})")
+    first = data.batch(0, 1)[0]
+    common = _wrap_options(cfg)
+    sites = wrap_segmentation(model, budget=1, **common).sites_for(first)
+    budgets = _budgets(cfg, sites, default_budgets, notes, log)
+    bmax = max(budgets)
+    wrapped = {c: wrap_segmentation(model, budget=bmax, criterion=c, aggregate=cfg.aggregates[0], **common)
+               for c in cfg.criteria}
+    # A decoder that fuses maps from both sides of a searched site (SegFormer, U-Net): the skips are
+    # aligned at the fusion; the same search without that alignment is reported beside it (ablation).
+    with torch.no_grad():
+        probe2 = wrap_segmentation(model, budget=min(2, sites.space_size), **common)
+        probe2.search(first)
+    fused = probe2.last_out_level is not None and probe2.last_out_level < len(sites.searchable)
+    unaligned = ({c: wrap_segmentation(model, budget=bmax, criterion=c, aggregate=cfg.aggregates[0], align_skips=False,
+                                       **common) for c in cfg.criteria} if fused else {})
+    if state["done"]:
+        log(f"resuming at image {state['done']}/{n}")
+    per_image, engines = _count_images(cfg, model, data, wrapped, unaligned, budgets, k, ignore, state, partial,
+                                       f"eval {Path(loaded.spec).name}")
+    log("timing ...")
+    xt = data.batch(0, cfg.timing_images)[0]
+    nt = xt.shape[0]
+    t_plain, timing = _timing(cfg, model, xt, budgets)
+    plain = summarize_stats(per_image["plain"].sum(0))
+    plain.update(ms_per_image=1000 * t_plain / nt, time_ratio=1.0)
+    rows, ablation = _rows(cfg, per_image, plain, budgets, unaligned, timing, t_plain, nt)
     classes = None
     if data_name.startswith("fashion-mnist-seg"):
         from undiscard.data.segmentation import SEG_CLASSES

@@ -40,6 +40,10 @@ from undiscard.evaluation.runio import median_time
 from undiscard.evaluation.fit import StateTable, aggregate_logits, fit, fit_table_policy, replay, site_prior, state_table, table_search
 from undiscard.evaluation.stats import compare
 
+__all__ = ["BUDGETS_TEST", "DEFAULT_WRAP", "cached_table", "VARIANTS", "variant_indices",
+           "search_on_validation", "search_on_test", "paired_correct", "run", "resolved_default",
+           "refresh_default", "offset_augment_study", "main"]
+
 BUDGETS_TEST = (2, 4, 8, 16)
 DEFAULT_WRAP = {"budget": 4}  # the default wrapper at the fitted configuration's cost cap
 
@@ -53,14 +57,14 @@ def cached_table(path: Path, model, x, **kw) -> StateTable:
     from undiscard.statefile import load_state, save_state
 
     if path.exists():
-        d = load_state(path, "undiscard.evaluation.study-table/1", what="state table cache")
+        d = load_state(path, "undiscard.study-table/1", what="state table cache")
         sites = find_sites(model, x[0:1], searchable=kw.get("searchable", "inner"))
         return StateTable(d["states"], d["logits"], [int(s) for s in d["seeds"]], sites)
     t0 = time.perf_counter()
     t = state_table(model, x, batch=64, **kw)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_state({"states": t.states, "logits": t.logits, "seeds": [str(s) for s in t.seeds]}, path,
-               "undiscard.evaluation.study-table/1")
+               "undiscard.study-table/1")
     _log(f"  table {path.name}: {tuple(t.logits.shape)} in {time.perf_counter() - t0:.0f} s")
     return t
 

@@ -1,4 +1,4 @@
-"""Learning-free aggregation over the states of each image (SPEC §3, step 2).
+"""Learning-free aggregation over the states of each image (docs/method.md, "Aggregation").
 
 * ``mean``: the plain average;
 * ``entropy``: ``w_s = (1 - H(p_s) / log K) / Z``, so confident states weigh more.

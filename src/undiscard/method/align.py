@@ -1,4 +1,4 @@
-"""Aligning the final maps of different states (SPEC §2, Alignment).
+"""Aligning the final maps of different states (docs/method.md, "Alignment").
 
 State ``s`` sees the image rolled by ``-Delta(s)`` pixels, so its final map (cell size
 ``P = stride_total``) is displaced by ``-Delta/P`` cells, fractional in general. It is

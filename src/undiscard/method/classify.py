@@ -1,4 +1,4 @@
-"""The method for classification, end to end (SPEC §3): search, align, aggregate.
+"""The method for classification, end to end (docs/method.md, "Search, align, aggregate"): search, align, aggregate.
 
 :func:`wrap` turns a classifier into a drop-in ``nn.Module``: for each image it searches
 ``budget`` offset states (greedy best-first, batched over the images), aligns each
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from undiscard.method.aggregate import entropy, entropy_weights
+from undiscard.method.aggregate import entropy, entropy_weights, weighted_mean
 from undiscard.method.align import FILLS, align_to_default
 from undiscard.run.engine import use_states
 from undiscard.errors import OptionError, SiteMismatchError, SplitError, UndiscardError
@@ -281,7 +281,7 @@ class Undiscard(nn.Module):
             if self.aggregator is not None:
                 from undiscard.method.learned import sites_signature
 
-                want = getattr(self.aggregator, "meta", {}).get("undiscard.sites.discover")
+                want = getattr(self.aggregator, "meta", {}).get("undiscard.sites")
                 if want is not None and want != sites_signature(sites):
                     raise SiteMismatchError(
                         f"the aggregator was trained with searchable sites {want}, but at input size {list(key)} "
@@ -391,7 +391,7 @@ class Undiscard(nn.Module):
                 w = entropy_weights(logits).to(feats.dtype)
             else:
                 check_choice("aggregate", aggregate, AGGREGATES)
-            agg = (feats * w[..., None, None]).sum(1)
+            agg = weighted_mean(feats, w)
         return self.split.head(self._from_positions(agg, found.grid)), w
 
     def forward(self, x: torch.Tensor) -> Any:

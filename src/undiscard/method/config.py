@@ -22,7 +22,7 @@ from undiscard.errors import ConfigError
 
 __all__ = ["CONFIG_KIND", "model_fingerprint", "save_config", "load_config", "wrap_kwargs"]
 
-CONFIG_KIND = "undiscard.method.config/1"
+CONFIG_KIND = "undiscard.config/1"
 
 #: the keys of a configuration that become :func:`undiscard.wrap` arguments
 WRAP_KEYS = ("budget", "criterion", "aggregate", "searchable", "width", "prior", "policy", "align", "fill", "seed")

@@ -1,4 +1,4 @@
-"""The learned aggregator (SPEC §3, step 2, ``attention``) and its training.
+"""The learned aggregator (``attention``; docs/method.md, "Aggregation") and its training.
 
 :class:`AttentionAggregator` is a small set operator over the ``B`` aligned final maps of
 one image. At each map position the ``B`` states form a set of tokens:
@@ -35,7 +35,7 @@ from undiscard.errors import SiteMismatchError, UndiscardError
 
 __all__ = ["AttentionAggregator", "backbone_fingerprint", "load_aggregator", "save_aggregator", "train_aggregator"]
 
-_FORMAT = "undiscard.method.learned/1"
+_FORMAT = "undiscard.aggregator/1"
 
 
 class AttentionAggregator(nn.Module):
@@ -105,7 +105,7 @@ class AttentionAggregator(nn.Module):
         return out, w
 
     def check_align(self, align: bool) -> None:
-        trained = self.meta.get("undiscard.method.align")
+        trained = self.meta.get("undiscard.align")
         if trained is not None and (trained == "1") != bool(align):
             how = "aligned" if trained == "1" else "unaligned"
             raise UndiscardError(f"this aggregator was trained on {how} maps; use align={trained == '1'}")
@@ -137,7 +137,7 @@ def save_aggregator(agg: AttentionAggregator, path: str | os.PathLike, meta: dic
         raise UndiscardError(f"saving an aggregator needs safetensors ({exc}); pip install 'undiscard[zoo]'") from exc
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    full = {**agg.meta, **meta, "undiscard.format": _FORMAT, "undiscard.method.config": json.dumps(agg.config())}
+    full = {**agg.meta, **meta, "undiscard.format": _FORMAT, "undiscard.config": json.dumps(agg.config())}
     save_model(agg, str(out), metadata={k: str(v) for k, v in full.items()})
     agg.meta = full
     return out
@@ -164,7 +164,7 @@ def load_aggregator(path: str | os.PathLike, model: nn.Module | None = None, sit
         raise UndiscardError(f"{p} is not a safetensors file ({exc})") from None
     if meta.get("undiscard.format") != _FORMAT:
         raise UndiscardError(f"{p} is not an undiscard aggregator checkpoint (format {meta.get('undiscard.format')!r})")
-    agg = AttentionAggregator(**json.loads(meta["undiscard.method.config"]), meta=meta)
+    agg = AttentionAggregator(**json.loads(meta["undiscard.config"]), meta=meta)
     st_load(agg, str(p))
     agg.eval()
     if model is not None:
@@ -175,9 +175,9 @@ def load_aggregator(path: str | os.PathLike, model: nn.Module | None = None, sit
                 f"{meta.get('undiscard.backbone_fingerprint')}), but this model's weights have fingerprint {fp}: "
                 "train an aggregator for this backbone with `undiscard train-aggregator`"
             )
-    if sites is not None and meta.get("undiscard.sites.discover") != sites_signature(sites):
+    if sites is not None and meta.get("undiscard.sites") != sites_signature(sites):
         raise SiteMismatchError(
-            f"{p} was trained with searchable sites {meta.get('undiscard.sites.discover')} but these are "
+            f"{p} was trained with searchable sites {meta.get('undiscard.sites')} but these are "
             f"{sites_signature(sites)}: use the same --searchable and input size"
         )
     return agg
@@ -201,7 +201,7 @@ def _random_states(sites, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
 
 
 #: What ``OUT.cache.safetensors`` holds (:func:`undiscard.statefile.save_state`).
-_CACHE_KIND = "undiscard.method.learned-cache/2"
+_CACHE_KIND = "undiscard.aggregator-cache/2"
 
 
 def _data_digest(images: torch.Tensor, labels: torch.Tensor, chunk: int = 256) -> str:
@@ -262,11 +262,11 @@ def train_aggregator(
     n = images.shape[0]
     train_meta = {"images": n, "states_per_image": k, "epochs": epochs, "batch_size": batch_size, "lr": lr,
                   "weight_decay": weight_decay, "dim": dim, "heads": heads, "seed": seed}
-    identity = {"undiscard.backbone_fingerprint": backbone_fingerprint(model), "undiscard.sites.discover": sites_signature(sites),
+    identity = {"undiscard.backbone_fingerprint": backbone_fingerprint(model), "undiscard.sites": sites_signature(sites),
                 "undiscard.searchable": json.dumps(list(sites.searchable)),
                 "undiscard.input_size": json.dumps(list(images.shape[1:])),
-                "undiscard.method.align": "1" if wrapped.align else "0", "undiscard.fill": wrapped.fill,
-                "undiscard.data.classification": _data_digest(images, labels), "undiscard.train": json.dumps(train_meta)}
+                "undiscard.align": "1" if wrapped.align else "0", "undiscard.fill": wrapped.fill,
+                "undiscard.data": _data_digest(images, labels), "undiscard.train": json.dumps(train_meta)}
     if fresh:
         for f in (cache_path, legacy, out):
             if f.exists():

@@ -1,4 +1,4 @@
-"""Greedy best-first search over the state lattice, per image, batched (SPEC §3, step 1).
+"""Greedy best-first search over the state lattice, per image, batched (docs/method.md, "Search").
 
 Start at the default state. Keep every evaluated state; repeatedly take, for each image,
 the most promising evaluated state whose neighbours (states that differ at exactly one

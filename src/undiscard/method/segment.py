@@ -1,4 +1,4 @@
-"""The method for dense prediction (SPEC §3.4): search, align at input resolution, aggregate.
+"""The method for dense prediction (docs/method.md, "Segmentation"): search, align at input resolution, aggregate.
 
 :func:`wrap_segmentation` turns a segmentation network into a drop-in ``nn.Module`` that
 returns ``(N, K, H, W)`` scores at INPUT resolution. For each image it searches
@@ -9,7 +9,7 @@ over the images, the same search as classification), and for each state:
    ``align_corners=False``, as torchvision and MMSegmentation do; a model that already
    returns input-size logits is not touched);
 2. they are shifted by ``+Delta(s)`` pixels (the inverse of the roll that state ``s``
-   sees, SPEC §2), an exact integer shift: ``out[i, j] = p[i - Delta_h, j - Delta_w]``.
+   sees, docs/method.md "Displacement"), an exact integer shift: ``out[i, j] = p[i - Delta_h, j - Delta_w]``.
 
 **Border fill.** A state with ``Delta > 0`` has no prediction for the first ``Delta_h``
 rows and ``Delta_w`` columns after the shift. Those pixels are *excluded* for that state
@@ -41,8 +41,8 @@ difference of their displacements (in cells of that map; linear interpolation fo
 fractional cell, edge values repeated at the border). The fused map, and the output,
 then sit on the shallowest input's grid and are shifted by that grid's ``Delta`` (0 for
 SegFormer, whose finest stage is before every searched site). ``align_skips=False``
-fuses the maps as they come and shifts the output by the full ``Delta`` (SPEC §3.4 read
-literally); on the shipped SegFormer that loses several mIoU points (README, segmentation).
+fuses the maps as they come and shifts the output by the full ``Delta`` (the paper's
+reading); on the shipped SegFormer that loses several mIoU points (docs/segmentation.md).
 
     >>> seg = wrap_segmentation(model, budget=4, aggregate="entropy")  # doctest: +SKIP
     >>> scores = seg(x)                                                 # doctest: +SKIP

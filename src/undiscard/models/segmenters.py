@@ -67,12 +67,6 @@ SEG_SPEC_FORMS = (
 _META_TASK = "undiscard.task"
 _META_CONFIG = "undiscard.seg_config"
 
-TORCHVISION_SEG = (
-    "deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large",
-    "fcn_resnet50", "fcn_resnet101", "lraspp_mobilenet_v3_large",
-)
-
-
 # --------------------------------------------------------------------- the project's architectures
 
 class _FeatureTrunk(nn.Module):

@@ -224,7 +224,7 @@ def train_backbone(
     steps_per_epoch = n // recipe.batch_size
     total = max(1, int(round(recipe.epochs * steps_per_epoch)))
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],

@@ -1,4 +1,4 @@
-"""Many states per image in one pass that computes each distinct prefix once (SPEC §4).
+"""Many states per image in one pass that computes each distinct prefix once (docs/method.md, "The shared-prefix engine").
 
 States that agree on their offsets at the first ``l`` searchable sites share everything
 the network computes before site ``l + 1``. :func:`run_trie` runs the batch once and, at

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from undiscard.sites import ops
 from undiscard.errors import UndiscardError
 
+__all__ = ["OpCall", "BINDERS", "RESHAPES"]
+
 
 def _tuple(v: Any, nd: int) -> tuple[int, ...]:
     if isinstance(v, int):
@@ -69,7 +71,7 @@ class OpCall:
             if return_indices and any(offset):
                 raise UndiscardError(
                     "a max-pool that returns indices (used by max-unpooling decoders) cannot be run at a "
-                    "non-zero offset yet; make that site non-searchable (SiteMap.with_searchable)"
+                    "non-zero offset; make that site non-searchable (SiteMap.with_searchable)"
                 )
             return ops.max_pool_at_offset(self.x, self.kernel, self.stride, self.padding, self.dilation, ceil_mode, offset)
         if self.kind == "avg_pool":

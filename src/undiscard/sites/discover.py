@@ -1,6 +1,6 @@
 """Finding the subsampling sites of any model.
 
-A *site* (SPEC §2) is one logical subsampling step: all strided ops that map the same
+A *site* (docs/method.md, "Sites, offsets, states") is one logical subsampling step: all strided ops that map the same
 input grid to the same output grid and whose outputs meet (a ResNet block's strided
 3x3 conv and its strided 1x1 shortcut; all stride-2 branches of an Inception reduction
 block). :func:`find_sites` runs the model once on an example input under a
@@ -23,7 +23,7 @@ subsamples again; it adds variety but moves no later grid, so its displacement i
 Limits (written down, not hidden): models run under ``torch.compile``/TorchScript are
 opaque to the interception (find sites on the eager model); adaptive pooling and
 interpolation are not subsampling sites; strided slicing (``x[..., ::2, ::2]``) is not
-intercepted yet.
+intercepted (docs/limits.md).
 """
 
 from __future__ import annotations
@@ -267,7 +267,7 @@ def find_sites(
     Args:
         model: any ``nn.Module`` whose input is ``(N, C, *spatial)``.
         example_input: a batched tensor (or a tuple of positional arguments).
-        searchable: ``"inner"`` (default: main-path sites but the first and last, SPEC §2),
+        searchable: ``"inner"`` (default: main-path sites but the first and last, docs/method.md),
             ``"main"`` (every main-path site), ``"all"`` (side sites too), or site indices.
 
     Returns:
@@ -372,7 +372,6 @@ def _build(rec: _Recorder, x0: torch.Tensor, searchable, model_name: str) -> Sit
         feeds.append(srcs)
     n = len(ordered)
     sites: list[Site] = []
-    image_rank = None
     for i, g in enumerate(ordered):
         g = sorted(g, key=lambda r: r.order)
         op0 = g[0].op
@@ -389,7 +388,6 @@ def _build(rec: _Recorder, x0: torch.Tensor, searchable, model_name: str) -> Sit
         fed = [j for j in range(i + 1, n) if i in feeds[j]]
         main = i == n - 1 or (bool(fed) and continues(fed[0]))
         sites.append(Site(i, tuple(r.op for r in g), op0.stride, (), op0.in_grid, op0.out_grid, main))
-        image_rank = image_rank or len(op0.stride)
     # cumulative strides over main-path sites before each site
     out: list[Site] = []
     cum: dict[int, tuple[int, ...]] = {}

@@ -1,6 +1,6 @@
 """Subsampling ops evaluated at a non-zero offset.
 
-SPEC §2, offset semantics: for an op with stride ``R`` and padding ``p`` on input ``x``,
+Offset semantics (docs/method.md, "Offset semantics and end fill"): for an op with stride ``R`` and padding ``p`` on input ``x``,
 ``y_s[i] = z[i*R + s]`` where ``z`` is the same op at stride 1 on the same padded input.
 The output keeps the shape of the default (``s = 0``) output. Where ``z`` has no
 element (the last row/column of odd sizes) the op is evaluated over a *fill* that

@@ -137,7 +137,7 @@ def _offset_int(v: Any, site: Site) -> int:
 class SiteMap:
     """The sites of a model, which of them are searched, and how to address them at run time.
 
-    A *state* (SPEC §2) gives one offset per searchable site. It is written either as a
+    A *state* (docs/method.md) gives one offset per searchable site. It is written either as a
     sequence of per-site offset tuples (``[(0, 1), (1, 1)]``) or as flat offset indices
     (``[1, 3]``, index ``k = sh * Rw + sw``); a batch of states is a ``(N, L)`` LongTensor
     of flat indices with ``L = len(searchable)``. Non-searchable sites stay at offset 0.
@@ -269,7 +269,7 @@ class SiteMap:
         return [[self.searchable_sites[j].offset_of(int(k)) for j, k in enumerate(row)] for row in states]
 
     def displacement(self, states: Any) -> torch.Tensor:
-        """``Delta(s)`` in input pixels per spatial axis, SPEC §2: ``sum_l s_l * P_l``.
+        """``Delta(s)`` in input pixels per spatial axis (docs/method.md, "Displacement"): ``sum_l s_l * P_l``.
 
         ``P_l`` is the product of the strides of ALL main-path sites before site ``l``
         (searchable or not). Side sites move no later grid and contribute 0.
@@ -303,7 +303,7 @@ def resolve_searchable(which: str | Iterable[int], sites: Sequence[Site]) -> tup
         if which == "all":
             return tuple(range(n))
         if which in ("inner", "main"):
-            # SPEC default: every main-path site but the first and the last (the paper's best
+            # the default: every main-path site but the first and the last (the paper's best
             # accuracy and latency); with <= 2 of them that leaves nothing, so all are searched.
             # Side sites (PVT's key/value reduction) are opt-in: one per block, they would
             # multiply the space without moving the grid.

@@ -1,4 +1,4 @@
-"""Image-space test-time augmentation on top of recovered activations (SPEC §3, step 3).
+"""Image-space test-time augmentation on top of recovered activations (docs/tta.md).
 
 Each image view ``t.augment(x)`` is classified by the feature-space method with budget
 ``B_feat`` (``B_feat = 1``: the plain model, exactly), the views' logits are stacked

@@ -1,4 +1,4 @@
-"""Image-space TTA aggregation over cached logits (SPEC §3, item 3: the baselines).
+"""Image-space TTA aggregation over cached logits (the image-TTA baselines; docs/tta.md).
 
 Every aggregator maps the logits of ``A`` augmentations of each image,
 ``(N, A, K)`` (index 0: the identity), to one ``(N, K)`` prediction given as

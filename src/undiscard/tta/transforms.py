@@ -1,4 +1,4 @@
-"""Image-space test-time augmentations that know their inverse (SPEC §3, item 3).
+"""Image-space test-time augmentations that know their inverse (docs/tta.md).
 
 An :class:`ImageTransform` maps a *normalised* image batch ``x (N, C, H, W)`` (what
 the model eats) to one view ``(N, C, H', W')``. Dense transforms also move a dense
