@@ -483,6 +483,101 @@ def run_eval(cfg: EvalConfig, out_json: str | os.PathLike | None = None, log=pri
         d.close()
 
 
+def _single_states(sites) -> list[tuple[int, int, torch.Tensor]]:
+    """``(site, offset index, state)`` for every single non-default offset at one main-path site."""
+    full = sites.with_searchable("main")
+    single = []
+    for j, i in enumerate(full.searchable):
+        for k in range(1, full.sites[i].num_offsets):
+            st = full.zero_state()
+            st[j] = k
+            single.append((i, k, st))
+    return single
+
+
+def _count_shard(cfg: EvalConfig, model, x, y, sites, wrapped: dict, single: list, batches: list[int], state: dict,
+                 accs: dict, out_path: Path | None, d: _Dist, shard_n: int, desc: str) -> None:
+    """Accumulate this rank's batches into ``accs`` (per configuration), saving ``state`` after each batch."""
+    from undiscard.run.engine import use_states
+
+    def acc(key: str) -> _Acc:
+        return accs.setdefault(key, _Acc())
+
+    bs = cfg.batch_size
+    bar = progress(shard_n, desc) if d.rank == 0 else _Silent()
+    bar.update(state["done"])
+    with torch.no_grad(), contextlib.closing(bar):  # closed on an error too: its line ends
+        for bi in batches[state["batches"]:]:
+            s = bi * bs
+            xb, yb = x[s : s + bs], y[s : s + bs]
+            acc("plain").add(model(xb), yb)
+            for c, w in wrapped.items():
+                found = w.search(xb)
+                for b in cfg.budgets:
+                    for a in cfg.aggregates:
+                        logits, _ = w.combine(found, b, a)
+                        acc(f"{c}|{a}|{b}").add(logits, yb)
+                    if b == 1 and "attention" in cfg.aggregates:
+                        # control: the trained aggregator on the default state alone. What it
+                        # gains here is a learned correction of the features, not recovered states.
+                        a1, _ = w.aggregator(found.features[:, :1], found.cells[:, :1])
+                        acc(f"{c}|attention-default-only|1").add(w.split.head(w._from_positions(a1, found.grid)), yb)
+                    acc(f"{c}|best-single|{b}").add(found.logits[:, :b].gather(
+                        1, (-entropy(found.logits[:, :b])).argmax(1)[:, None, None].expand(-1, 1, found.logits.shape[-1])
+                    ).squeeze(1), yb)
+            if single:
+                full = sites.with_searchable("main")
+                for i, k, st in single:
+                    with use_states(model, full, st):
+                        acc(f"single|{i}|{k}").add(model(xb), yb)
+            state["batches"] += 1
+            state["done"] += len(yb)
+            state["index"] += range(s, s + len(yb))
+            if out_path is not None:
+                state["acc"] = {k: v.state() for k, v in accs.items()}
+                _save_atomic(state, _partial_path(out_path, d.rank, d.world))
+            bar.update(len(yb))
+
+
+def _timing(cfg: EvalConfig, model, xt: torch.Tensor, common: dict) -> tuple[float, dict[str, float]]:
+    """Seconds per batch ``xt`` of the plain model and of every configuration, side by side in this process."""
+    from undiscard.method.classify import wrap
+
+    t_plain = median_time(lambda: model(xt), cfg.repeats)
+    timing: dict[str, float] = {}
+    with torch.no_grad():
+        for c in cfg.criteria:
+            for b in cfg.budgets:
+                for a in cfg.aggregates:
+                    w = wrap(model, budget=b, criterion=c, aggregate=a, **common)
+                    timing[f"{c}|{a}|{b}"] = median_time(lambda: w(xt), cfg.repeats)
+    return t_plain, timing
+
+
+def _rows(cfg: EvalConfig, accs: dict, sites, single: list, timing: dict, t_plain: float, nt: int
+          ) -> tuple[list[dict], list[dict]]:
+    """The result rows per configuration (accuracy, NLL, ECE, cost) and per single state."""
+    rows = []
+    for c in cfg.criteria:
+        for a in cfg.aggregates + ["best-single", "attention-default-only"]:
+            for b in cfg.budgets:
+                if f"{c}|{a}|{b}" not in accs:
+                    continue
+                r = accs[f"{c}|{a}|{b}"].summary()
+                t = timing.get(f"{c}|{a}|{b}")
+                r.update(criterion=c, aggregate=a, budget=b,
+                         ms_per_image=None if t is None else 1000 * t / nt,
+                         time_ratio=None if t is None else t / t_plain)
+                rows.append(r)
+    singles = []
+    for i, k, _ in single:
+        r = accs[f"single|{i}|{k}"].summary()
+        site = sites.sites[i]
+        r.update(site=i, site_name=site.name, offset=list(site.offset_of(k)), searchable=i in sites.searchable)
+        singles.append(r)
+    return rows, singles
+
+
 def _run_eval(cfg: EvalConfig, out_path: Path | None, log, fresh: bool, d: _Dist) -> dict | None:
     from undiscard.method.classify import wrap
     from undiscard.models.classifiers import load_model
@@ -540,54 +635,10 @@ def _run_eval(cfg: EvalConfig, out_path: Path | None, log, fresh: bool, d: _Dist
         log(f"resuming at image {state['done']}/{shard_n}" + (f" of shard {d.rank}" if d.world > 1 else ""))
     accs: dict[str, _Acc] = {k: _Acc(v) for k, v in state["acc"].items()}
 
-    def acc(key: str) -> _Acc:
-        return accs.setdefault(key, _Acc())
-
     wrapped = {c: wrap(model, budget=bmax, criterion=c, aggregate=cfg.aggregates[0], **common) for c in cfg.criteria}
-    single: list[tuple[int, int, torch.Tensor]] = []
-    if cfg.single_states:
-        full = sites.with_searchable("main")
-        for j, i in enumerate(full.searchable):
-            for k in range(1, full.sites[i].num_offsets):
-                st = full.zero_state()
-                st[j] = k
-                single.append((i, k, st))
+    single = _single_states(sites) if cfg.single_states else []
     desc = f"eval {Path(loaded.spec).name}" + (f" (shard 0 of {d.world})" if d.world > 1 else "")
-    bar = progress(shard_n, desc) if d.rank == 0 else _Silent()
-    bar.update(state["done"])
-    with torch.no_grad(), contextlib.closing(bar):  # closed on an error too: its line ends
-        for bi in batches[state["batches"]:]:
-            s = bi * bs
-            xb, yb = x[s : s + bs], y[s : s + bs]
-            acc("plain").add(model(xb), yb)
-            for c, w in wrapped.items():
-                found = w.search(xb)
-                for b in cfg.budgets:
-                    for a in cfg.aggregates:
-                        logits, _ = w.combine(found, b, a)
-                        acc(f"{c}|{a}|{b}").add(logits, yb)
-                    if b == 1 and "attention" in cfg.aggregates:
-                        # control: the trained aggregator on the default state alone. What it
-                        # gains here is a learned correction of the features, not recovered states.
-                        a1, _ = w.aggregator(found.features[:, :1], found.cells[:, :1])
-                        acc(f"{c}|attention-default-only|1").add(w.split.head(w._from_positions(a1, found.grid)), yb)
-                    acc(f"{c}|best-single|{b}").add(found.logits[:, :b].gather(
-                        1, (-entropy(found.logits[:, :b])).argmax(1)[:, None, None].expand(-1, 1, found.logits.shape[-1])
-                    ).squeeze(1), yb)
-            if single:
-                from undiscard.run.engine import use_states
-
-                full = sites.with_searchable("main")
-                for i, k, _ in single:
-                    with use_states(model, full, st):
-                        acc(f"single|{i}|{k}").add(model(xb), yb)
-            state["batches"] += 1
-            state["done"] += len(yb)
-            state["index"] += range(s, s + len(yb))
-            if out_path is not None:
-                state["acc"] = {k: v.state() for k, v in accs.items()}
-                _save_atomic(state, _partial_path(out_path, d.rank, d.world))
-            bar.update(len(yb))
+    _count_shard(cfg, model, x, y, sites, wrapped, single, batches, state, accs, out_path, d, shard_n, desc)
 
     # ---- rank 0 merges every shard's per-image records, in image order
     shard = {"index": state["index"], "acc": {k: v.state() for k, v in accs.items()}}
@@ -606,35 +657,11 @@ def _run_eval(cfg: EvalConfig, out_path: Path | None, log, fresh: bool, d: _Dist
     # ---- cost, side by side in this process (with several processes: rank 0 alone, the others done)
     log("timing ..." if d.world == 1 else f"timing on rank 0 only (the other {d.world - 1} rank(s) have finished) ...")
     xt = x[: cfg.timing_images]
-    t_plain = median_time(lambda: model(xt), cfg.repeats)
-    timing: dict[str, float] = {}
-    with torch.no_grad():
-        for c in cfg.criteria:
-            for b in cfg.budgets:
-                for a in cfg.aggregates:
-                    w = wrap(model, budget=b, criterion=c, aggregate=a, **common)
-                    timing[f"{c}|{a}|{b}"] = median_time(lambda: w(xt), cfg.repeats)
+    t_plain, timing = _timing(cfg, model, xt, common)
     nt = xt.shape[0]
     plain = accs["plain"].summary()
     plain.update(ms_per_image=1000 * t_plain / nt, time_ratio=1.0)
-    rows = []
-    for c in cfg.criteria:
-        for a in cfg.aggregates + ["best-single", "attention-default-only"]:
-            for b in cfg.budgets:
-                if f"{c}|{a}|{b}" not in accs:
-                    continue
-                r = accs[f"{c}|{a}|{b}"].summary()
-                t = timing.get(f"{c}|{a}|{b}")
-                r.update(criterion=c, aggregate=a, budget=b,
-                         ms_per_image=None if t is None else 1000 * t / nt,
-                         time_ratio=None if t is None else t / t_plain)
-                rows.append(r)
-    singles = []
-    for i, k, _ in single:
-        r = accs[f"single|{i}|{k}"].summary()
-        site = sites.sites[i]
-        r.update(site=i, site_name=site.name, offset=list(site.offset_of(k)), searchable=i in sites.searchable)
-        singles.append(r)
+    rows, singles = _rows(cfg, accs, sites, single, timing, t_plain, nt)
     result = {
         "model": loaded.spec,
         "model_note": loaded.note,
