@@ -161,15 +161,7 @@ def _summary(logp: torch.Tensor, y: torch.Tensor) -> dict:
             "ece": 100.0 * calibration_error(conf, correct.long())}
 
 
-def run_tta(cfg: TTAConfig, rows: list[Row], *, log=_log, save=None, fresh: bool = False) -> dict:
-    """Fit every row's image aggregator on validation, evaluate on test, time it (see the module docstring)."""
-    from undiscard.tta.compose import ImageTTA
-    from undiscard.evaluation.classify import load_data
-    from undiscard.tta.merge import ImageAggregator, LogitsCache, fit_image_aggregator, max_aggregator, mean_aggregator
-    from undiscard.method.classify import Undiscard
-    from undiscard.models.classifiers import load_model
-    from undiscard.tta.transforms import augmentation_pool
-
+def _check_rows(cfg: TTAConfig, rows: list[Row]) -> None:
     for r in rows:
         if r.method not in IMAGE_METHODS:
             raise InputError(f"image TTA method must be one of {', '.join(IMAGE_METHODS)}; got {r.method!r}")
@@ -178,6 +170,129 @@ def run_tta(cfg: TTAConfig, rows: list[Row], *, log=_log, save=None, fresh: bool
         if r.method != "gps" and r.m > cfg.pool:
             raise InputError(f"{r.method} at image budget {r.m} needs {r.m} views, but the pool has {cfg.pool} "
                              "(raise --tta-pool or lower --image-budget)")
+
+
+def _views_of(r: Row, pool_size: int) -> list[int]:
+    """The pool views a row's aggregator chooses from (GPS: all of them; the others: the first ``m``)."""
+    return list(range(pool_size)) if r.method == "gps" else list(range(2 if r.method == "flips" else r.m))
+
+
+class _ViewLogits:
+    """The logits of pool views at each B_feat on one split, computed once and cached on disk."""
+
+    def __init__(self, cache, u, pool: list, x: torch.Tensor, batch_size: int, log) -> None:
+        self.cache, self.u, self.pool, self.x, self.batch_size, self.log = cache, u, pool, x, batch_size, log
+        self.logits: dict[tuple[int, int], torch.Tensor] = {}
+
+    def ensure(self, want: dict[int, set[int]]) -> None:
+        """Compute (or read) the logits of view ``i`` at every B_feat in ``want[i]``."""
+        for i, bs in sorted(want.items()):
+            bs = sorted(b for b in bs if (i, b) not in self.logits)
+            if bs:
+                got = _view_logits_cached(self.cache, self.u, self.pool[i], self.x, bs, self.batch_size, self.log)
+                for b, v in got.items():
+                    self.logits[(i, b)] = v
+
+    def stack(self, idx: list[int], b: int, used=None) -> torch.Tensor:
+        """``(N, len(idx), K)`` logits of views ``idx`` at B_feat ``b``; views not in ``used`` are zeros."""
+        used = set(range(len(idx))) if used is None else set(used)
+        ref = next(self.logits[(i, b)] for j, i in enumerate(idx) if j in used)
+        return torch.stack([self.logits[(i, b)] if j in used else torch.zeros_like(ref)
+                            for j, i in enumerate(idx)], 1)
+
+
+def _fit(cfg: TTAConfig, rows: list[Row], val: _ViewLogits, yv: torch.Tensor, names: list[str], context: dict,
+         log) -> list[tuple[Row, Any, list[int]]]:
+    """Every row's image aggregator, fitted on the validation logits (or loaded, or learning-free)."""
+    from undiscard.tta.merge import ImageAggregator, fit_image_aggregator, max_aggregator, mean_aggregator
+
+    fitted: list[tuple[Row, Any, list[int]]] = []
+    for r in rows:
+        idx = _views_of(r, len(names))
+        sub = [names[i] for i in idx]
+        if r.method in ("mean", "flips"):
+            agg = mean_aggregator(sub)
+        elif r.method == "max":
+            agg = max_aggregator(sub)
+        elif cfg.load_aggregator is not None:
+            agg = ImageAggregator.load(cfg.load_aggregator, names=sub, context=context)
+            if agg.method != r.method or (r.method == "gps" and agg.budget != r.m):
+                raise UndiscardError(
+                    f"{cfg.load_aggregator} is a {agg.method} aggregator with budget {agg.budget}; asked for "
+                    f"{r.method} at image budget {r.m}")
+        else:
+            fit_b = 1 if r.trained_on == "plain" else r.b_feat
+            trained = "plain logits" if fit_b == 1 else f"undiscard B_feat={fit_b} logits"
+            kw = {"budget": r.m} if r.method == "gps" else {}
+            agg = fit_image_aggregator(r.method, val.stack(idx, fit_b), yv, sub, trained_on=trained, **kw)
+            agg.context = dict(context)
+            if cfg.save_aggregators:
+                saved = agg.save(Path(cfg.save_aggregators) / f"{r.method}-m{r.m}-fit_bfeat{fit_b}.safetensors")
+                log(f"saved {saved}")
+        fitted.append((r, agg, idx))
+    return fitted
+
+
+def _evaluate(fitted: list, test: _ViewLogits, yt: torch.Tensor, names: list[str], pool: list
+              ) -> tuple[list[dict], list[tuple]]:
+    """Per fitted row: its test accuracy / NLL / ECE and the views it uses; and what timing it needs."""
+    out_rows: list[dict] = []
+    modules: list[tuple] = []
+    for r, agg, idx in fitted:
+        used = sorted(set(agg.used()))
+        with torch.no_grad():
+            logp = agg(test.stack(idx, r.b_feat, used))
+        row = {"method": r.method, "b_img": len(used), "b_feat": r.b_feat, "b_total": len(used) * r.b_feat,
+               "image_budget": r.m, "trained_on": r.trained_on, "views": [names[idx[j]] for j in used],
+               **_summary(logp, yt)}
+        if r.method == "gps":
+            row["picks"] = [names[idx[j]] for j in agg.picks]
+            row["temperature"] = float(agg.temperature)
+        out_rows.append(row)
+        modules.append((agg, [pool[i] for i in idx], r.b_feat))
+    return out_rows, modules
+
+
+def _time(cfg: TTAConfig, model, xtime: torch.Tensor, out_rows: list[dict], modules: list[tuple], wrap_kw: dict,
+          log) -> float:
+    """Each distinct (views, B_feat) once, interleaved with the plain model: ``cost`` and ``ms_per_image`` of
+    every row. Returns the plain model's seconds per batch."""
+    from undiscard.tta.compose import ImageTTA
+
+    groups: dict[tuple, list[int]] = {}
+    for k, row in enumerate(out_rows):
+        groups.setdefault((tuple(row["views"]), row["b_feat"]), []).append(k)
+    fns = {}
+    for key, ks in groups.items():
+        agg, views, f = modules[ks[0]]
+        tta = ImageTTA(model, views, agg, f, **wrap_kw)
+        fns[key] = (lambda t=tta: t(xtime))
+    log(f"timing {len(fns)} configurations on {xtime.shape[0]} images ...")
+    with torch.no_grad():
+        plain_t = _median_plain(model, xtime, cfg.repeats)
+        ratios = ratios_to_plain(lambda: model(xtime), fns, cfg.repeats)
+    for key, ks in groups.items():
+        for k in ks:
+            out_rows[k]["cost"] = ratios[key]
+            out_rows[k]["ms_per_image"] = 1000 * plain_t * ratios[key] / xtime.shape[0]
+    return plain_t
+
+
+def run_tta(cfg: TTAConfig, rows: list[Row], *, log=_log, save=None, fresh: bool = False) -> dict:
+    """Fit every row's image aggregator on validation, evaluate on test, time it (see the module docstring).
+
+    Steps: the validation logits of every view a fit needs (cached), the fits (:func:`_fit`),
+    the test logits of the views the fitted aggregators use (cached), the test rows
+    (:func:`_evaluate`), the cost (:func:`_time`).
+    """
+    from undiscard.evaluation.classify import load_data
+    from undiscard.method.classify import Undiscard
+    from undiscard.method.learned import backbone_fingerprint
+    from undiscard.models.classifiers import load_model
+    from undiscard.tta.merge import LogitsCache
+    from undiscard.tta.transforms import augmentation_pool
+
+    _check_rows(cfg, rows)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     loaded = load_model(cfg.model, trust_pickle=cfg.trust_pickle)
@@ -187,8 +302,6 @@ def run_tta(cfg: TTAConfig, rows: list[Row], *, log=_log, save=None, fresh: bool
                                   log=log)
     if len(yv) == 0 or len(yt) == 0:
         raise UndiscardError(f"no images: {len(yv)} validation ({cfg.val_data}), {len(yt)} test ({cfg.data})")
-    from undiscard.method.learned import backbone_fingerprint
-
     fingerprint = backbone_fingerprint(model)
     size_tag = "x".join(str(v) for v in loaded.input_size)
     context = {"model": loaded.spec, "weights": fingerprint, "input_size": size_tag}
@@ -206,11 +319,7 @@ def run_tta(cfg: TTAConfig, rows: list[Row], *, log=_log, save=None, fresh: bool
                 if k not in ("threads", "cache_dir", "load_aggregator", "save_aggregators", "trust_pickle")}
     settings.update(val_images=int(len(yv)), test_images=int(len(yt)), pool_names=names)
 
-    # ---- 1. validation logits of every view a fit may need (cached)
-    def views_of(r: Row) -> list[int]:
-        return list(range(len(pool))) if r.method == "gps" else list(range(2 if r.method == "flips" else r.m))
-
-    caches = {}
+    split_logits = {}
     for split, x, spec, start in (("val", xv, cfg.val_data, 0), ("test", xt, cfg.data, cfg.start)):
         # Entries are keyed by view name and B_feat, so another pool size reuses them; the
         # weights' fingerprint catches a checkpoint retrained under the same path.
@@ -220,58 +329,18 @@ def run_tta(cfg: TTAConfig, rows: list[Row], *, log=_log, save=None, fresh: bool
         path = _cache_path(cfg, f"{spec}@{start}+{x.shape[0]}")
         if fresh and path.exists():
             path.unlink()
-        caches[split] = LogitsCache(path, meta=meta)
-    logits: dict[str, dict[tuple[int, int], torch.Tensor]] = {"val": {}, "test": {}}
-
-    def ensure(split: str, x: torch.Tensor, want: dict[int, set[int]]) -> None:
-        for i, bs in sorted(want.items()):
-            bs = sorted(b for b in bs if (i, b) not in logits[split])
-            if bs:
-                got = _view_logits_cached(caches[split], u, pool[i], x, bs, cfg.batch_size, log)
-                for b, v in got.items():
-                    logits[split][(i, b)] = v
+        split_logits[split] = _ViewLogits(LogitsCache(path, meta=meta), u, pool, x, cfg.batch_size, log)
+    val, test = split_logits["val"], split_logits["test"]
 
     val_want: dict[int, set[int]] = {}
     for r in rows:
         if r.method in LEARNED:
-            for i in views_of(r):
+            for i in _views_of(r, len(pool)):
                 val_want.setdefault(i, set()).add(1 if r.trained_on == "plain" else r.b_feat)
     log(f"validation: logits of {len(val_want)} views on {len(yv)} images")
-    ensure("val", xv, val_want)
+    val.ensure(val_want)
+    fitted = _fit(cfg, rows, val, yv, names, context, log)
 
-    def stack(split: str, idx, b: int, used=None) -> torch.Tensor:
-        used = set(range(len(idx))) if used is None else set(used)
-        ref = next(logits[split][(i, b)] for j, i in enumerate(idx) if j in used)
-        return torch.stack([logits[split][(i, b)] if j in used else torch.zeros_like(ref)
-                            for j, i in enumerate(idx)], 1)
-
-    # ---- 2. fit on validation
-    fitted: list[tuple[Row, Any, list[int]]] = []
-    for r in rows:
-        idx = views_of(r)
-        sub = [names[i] for i in idx]
-        if r.method in ("mean", "flips"):
-            agg = mean_aggregator(sub)
-        elif r.method == "max":
-            agg = max_aggregator(sub)
-        elif cfg.load_aggregator is not None:
-            agg = ImageAggregator.load(cfg.load_aggregator, names=sub, context=context)
-            if agg.method != r.method or (r.method == "gps" and agg.budget != r.m):
-                raise UndiscardError(
-                    f"{cfg.load_aggregator} is a {agg.method} aggregator with budget {agg.budget}; asked for "
-                    f"{r.method} at image budget {r.m}")
-        else:
-            fit_b = 1 if r.trained_on == "plain" else r.b_feat
-            trained = "plain logits" if fit_b == 1 else f"undiscard B_feat={fit_b} logits"
-            kw = {"budget": r.m} if r.method == "gps" else {}
-            agg = fit_image_aggregator(r.method, stack("val", idx, fit_b), yv, sub, trained_on=trained, **kw)
-            agg.context = dict(context)
-            if cfg.save_aggregators:
-                saved = agg.save(Path(cfg.save_aggregators) / f"{r.method}-m{r.m}-fit_bfeat{fit_b}.safetensors")
-                log(f"saved {saved}")
-        fitted.append((r, agg, idx))
-
-    # ---- 3. test logits of the views the fitted aggregators use (cached), evaluate
     test_want: dict[int, set[int]] = {0: {1}}
     for r, agg, idx in fitted:
         for j in agg.used():
@@ -279,46 +348,16 @@ def run_tta(cfg: TTAConfig, rows: list[Row], *, log=_log, save=None, fresh: bool
     feats_id = sorted({1} | {r.b_feat for r in rows} | {r.m * r.b_feat for r in rows if r.m * r.b_feat <= space})
     test_want[0] |= set(feats_id)  # ours alone on the identity view, for context
     log(f"test: logits of {len(test_want)} views on {len(yt)} images")
-    ensure("test", xt, test_want)
-    plain = _summary(logits["test"][(0, 1)], yt)
-    out_rows: list[dict] = []
-    modules: list[tuple] = []
-    for r, agg, idx in fitted:
-        used = sorted(set(agg.used()))
-        with torch.no_grad():
-            logp = agg(stack("test", idx, r.b_feat, used))
-        row = {"method": r.method, "b_img": len(used), "b_feat": r.b_feat, "b_total": len(used) * r.b_feat,
-               "image_budget": r.m, "trained_on": r.trained_on, "views": [names[idx[j]] for j in used],
-               **_summary(logp, yt)}
-        if r.method == "gps":
-            row["picks"] = [names[idx[j]] for j in agg.picks]
-            row["temperature"] = float(agg.temperature)
-        out_rows.append(row)
-        modules.append((agg, [pool[i] for i in idx], r.b_feat))
-
-    # ---- 3. cost: each distinct (views, B_feat) once, interleaved with the plain model
+    test.ensure(test_want)
+    plain = _summary(test.logits[(0, 1)], yt)
+    out_rows, modules = _evaluate(fitted, test, yt, names, pool)
     xtime = xt[: cfg.timing_images]
-    groups: dict[tuple, list[int]] = {}
-    for k, row in enumerate(out_rows):
-        groups.setdefault((tuple(row["views"]), row["b_feat"]), []).append(k)
-    fns = {}
-    for key, ks in groups.items():
-        agg, views, f = modules[ks[0]]
-        tta = ImageTTA(model, views, agg, f, **wrap_kw)
-        fns[key] = (lambda t=tta: t(xtime))
-    log(f"timing {len(fns)} configurations on {xtime.shape[0]} images ...")
-    with torch.no_grad():
-        plain_t = _median_plain(model, xtime, cfg.repeats)
-        ratios = ratios_to_plain(lambda: model(xtime), fns, cfg.repeats)
-    for key, ks in groups.items():
-        for k in ks:
-            out_rows[k]["cost"] = ratios[key]
-            out_rows[k]["ms_per_image"] = 1000 * plain_t * ratios[key] / xtime.shape[0]
+    plain_t = _time(cfg, model, xtime, out_rows, modules, wrap_kw, log)
     result: dict = {"settings": settings}
     result.update(model=loaded.spec, data=test_name, val=val_name, images=int(len(yt)), val_images=int(len(yv)),
                   input_size=list(loaded.input_size), space_size=space,
                   plain={**plain, "ms_per_image": 1000 * plain_t / xtime.shape[0], "cost": 1.0},
-                  feature_only=_feature_only(logits["test"], yt),
+                  feature_only=_feature_only(test.logits, yt),
                   rows=out_rows, timing={"images": int(xtime.shape[0]), "repeats": cfg.repeats,
                                          "threads": torch.get_num_threads()},
                   torch=torch.__version__)

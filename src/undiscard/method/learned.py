@@ -214,91 +214,42 @@ def _data_digest(images: torch.Tensor, labels: torch.Tensor, chunk: int = 256) -
     return h.hexdigest()[:16]
 
 
-def train_aggregator(
-    wrapped,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    out: str | os.PathLike,
-    *,
-    states_per_image: int = 16,
-    epochs: int = 10,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    weight_decay: float = 0.05,
-    dim: int = 128,
-    heads: int = 4,
-    seed: int = 0,
-    backbone_name: str = "",
-    fresh: bool = False,
-    log=print,
-) -> dict:
-    """Train an :class:`AttentionAggregator` on a frozen backbone and save it to ``out``.
+def _completed(out: Path, identity: dict, log) -> dict | None:
+    """The summary of an ``out`` trained with the same ``identity`` (nothing to train), None when there is no
+    ``out``; an ``out`` of other settings, or not an aggregator, is refused."""
+    from undiscard.statefile import looks_like_pickle
 
-    ``wrapped``: an :class:`undiscard.method.classify.Undiscard` (it fixes searchable sites, align,
-    fill). For every training image the final maps of ``states_per_image`` states (the
-    default and random others) are computed once and cached (float16, resumable: a
-    ``OUT.cache.safetensors`` file, tied to the backbone's weights, the sites, the images
-    and the settings; an ``OUT.cache.pt`` pickle is refused, never
-    loaded); each batch then draws a budget ``B`` uniformly from
-    ``1..states_per_image`` and a random subset of ``B`` states (the default always in),
-    and the aggregator learns to make the frozen head right (cross-entropy), with AdamW
-    and a cosine schedule.
+    if not out.exists():
+        return None
+    redo = "add --fresh to retrain it (this replaces it), or choose another --out"
+    try:
+        from safetensors import safe_open
 
-    An ``out`` that already holds an aggregator trained with the same settings, backbone
-    and data is not retrained (its training losses are returned); another one is refused
-    unless ``fresh``, which also deletes the feature cache.
-    """
+        if looks_like_pickle(out):
+            raise ValueError("a pickle")  # internal: caught just below
+        with safe_open(str(out), "pt") as fh:
+            meta = dict(fh.metadata() or {})
+    except Exception as exc:
+        raise UndiscardError(f"{out} exists and is not an aggregator checkpoint ({exc}); {redo}") from None
+    if meta.get("undiscard.format") != _FORMAT:
+        raise UndiscardError(f"{out} exists and is not an aggregator checkpoint; {redo}")
+    diff = [key for key, v in identity.items() if meta.get(key) != v]
+    if diff:
+        raise UndiscardError(f"{out} holds an aggregator trained with other settings (differing: "
+                             f"{', '.join(d.removeprefix('undiscard.') for d in diff)}); {redo}")
+    log(f"{out} is complete (trained with the same settings, backbone and data): nothing to train; "
+        "add --fresh to retrain it")
+    return {"loss": json.loads(meta.get("undiscard.loss", "[]")), "out": str(out)}
+
+
+def _feature_cache(wrapped, sites, images: torch.Tensor, states: torch.Tensor, k: int, key: dict, cache_path: Path,
+                   t0: float, log) -> dict:
+    """The aligned final maps of ``k`` states per image (float16 ``(n, k, positions, C)``), computed once in
+    chunks and saved to ``cache_path`` (resumable: an interrupted run saves what it has)."""
     from undiscard.run.engine import use_states
-    from undiscard.errors import FileTrustError
-    from undiscard.statefile import load_state, looks_like_pickle, save_state
+    from undiscard.statefile import load_state, save_state
 
-    out = Path(out)
-    cache_path = out.with_name(out.name + ".cache.safetensors")
-    legacy = out.with_name(out.name + ".cache.pt")
-    model, sp = wrapped.model, wrapped.split
-    model.eval()
-    sites = wrapped.sites_for(images[:1])
-    k = min(states_per_image, sites.space_size)
-    n = images.shape[0]
-    train_meta = {"images": n, "states_per_image": k, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                  "weight_decay": weight_decay, "dim": dim, "heads": heads, "seed": seed}
-    identity = {"undiscard.backbone_fingerprint": backbone_fingerprint(model), "undiscard.sites": sites_signature(sites),
-                "undiscard.searchable": json.dumps(list(sites.searchable)),
-                "undiscard.input_size": json.dumps(list(images.shape[1:])),
-                "undiscard.align": "1" if wrapped.align else "0", "undiscard.fill": wrapped.fill,
-                "undiscard.data": _data_digest(images, labels), "undiscard.train": json.dumps(train_meta)}
-    if fresh:
-        for f in (cache_path, legacy, out):
-            if f.exists():
-                f.unlink()
-                log(f"--fresh: deleted {f}")
-    if out.exists():
-        redo = "add --fresh to retrain it (this replaces it), or choose another --out"
-        try:
-            from safetensors import safe_open
-
-            if looks_like_pickle(out):
-                raise ValueError("a pickle")  # internal: caught just below
-            with safe_open(str(out), "pt") as fh:
-                meta = dict(fh.metadata() or {})
-        except Exception as exc:
-            raise UndiscardError(f"{out} exists and is not an aggregator checkpoint ({exc}); {redo}") from None
-        if meta.get("undiscard.format") != _FORMAT:
-            raise UndiscardError(f"{out} exists and is not an aggregator checkpoint; {redo}")
-        diff = [key for key, v in identity.items() if meta.get(key) != v]
-        if diff:
-            raise UndiscardError(f"{out} holds an aggregator trained with other settings (differing: "
-                                 f"{', '.join(d.removeprefix('undiscard.') for d in diff)}); {redo}")
-        log(f"{out} is complete (trained with the same settings, backbone and data): nothing to train; "
-            "add --fresh to retrain it")
-        return {"loss": json.loads(meta.get("undiscard.loss", "[]")), "out": str(out)}
-    if legacy.exists():
-        raise FileTrustError(f"{legacy}: a feature cache in a pickle format; it is not loaded "
-                             "(unpickling a file can run code): add --fresh to delete it (or delete it) and rerun")
-    gen = torch.Generator().manual_seed(seed)
-    states = _random_states(sites, n, k, gen)
-    stride = sites.stride_total
-    key = {"n": n, "k": k, "seed": seed, **{kk: v for kk, v in identity.items() if kk != "undiscard.train"}}
+    model, sp, stride, n = wrapped.model, wrapped.split, sites.stride_total, images.shape[0]
     cache: dict[str, Any] = {"done": 0, "feats": None}
     if cache_path.exists():
         prev = load_state(cache_path, _CACHE_KIND, what="aggregator feature cache",
@@ -308,7 +259,6 @@ def train_aggregator(
         else:
             cache = prev
             log(f"resuming the feature cache at {cache['done']}/{n} images")
-    t0 = time.perf_counter()
     chunk = max(1, wrapped.max_batch // k)
     try:
         with torch.no_grad():
@@ -335,6 +285,16 @@ def train_aggregator(
         save_state({**cache, "key": key}, cache_path, _CACHE_KIND)
         raise UndiscardError("interrupted; the feature cache is saved: run the same command again to resume") from None
     save_state({**cache, "key": key}, cache_path, _CACHE_KIND)
+    return cache
+
+
+def _fit(wrapped, sites, cache: dict, states: torch.Tensor, labels: torch.Tensor, k: int, gen: torch.Generator,
+         t0: float, *, epochs: int, batch_size: int, lr: float, weight_decay: float, dim: int, heads: int, seed: int,
+         log) -> tuple[AttentionAggregator, list[float]]:
+    """Train the aggregator on the cached maps: a random budget and random states (the default always in) per
+    batch, cross-entropy through the frozen head. Returns it and the loss per epoch."""
+    model, sp, stride = wrapped.model, wrapped.split, sites.stride_total
+    n = cache["feats"].shape[0]
     feats = cache["feats"]
     delta = sites.displacement(states.flatten(0, 1)).reshape(n, k, -1)
     cells = (delta.double() / torch.tensor(stride, dtype=torch.float64)).float()
@@ -371,6 +331,79 @@ def train_aggregator(
             tot += loss.item()
         history.append(tot / steps_per_epoch)
         log(f"aggregator epoch {epoch + 1}/{epochs} loss {history[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")
+    return agg, history
+
+
+def train_aggregator(
+    wrapped,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    out: str | os.PathLike,
+    *,
+    states_per_image: int = 16,
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 0.05,
+    dim: int = 128,
+    heads: int = 4,
+    seed: int = 0,
+    backbone_name: str = "",
+    fresh: bool = False,
+    log=print,
+) -> dict:
+    """Train an :class:`AttentionAggregator` on a frozen backbone and save it to ``out``.
+
+    ``wrapped``: an :class:`undiscard.method.classify.Undiscard` (it fixes searchable sites, align,
+    fill). For every training image the final maps of ``states_per_image`` states (the
+    default and random others) are computed once and cached (float16, resumable: a
+    ``OUT.cache.safetensors`` file, tied to the backbone's weights, the sites, the images
+    and the settings; an ``OUT.cache.pt`` pickle is refused, never
+    loaded); each batch then draws a budget ``B`` uniformly from
+    ``1..states_per_image`` and a random subset of ``B`` states (the default always in),
+    and the aggregator learns to make the frozen head right (cross-entropy), with AdamW
+    and a cosine schedule.
+
+    An ``out`` that already holds an aggregator trained with the same settings, backbone
+    and data is not retrained (its training losses are returned); another one is refused
+    unless ``fresh``, which also deletes the feature cache.
+    """
+    from undiscard.errors import FileTrustError
+
+    out = Path(out)
+    cache_path = out.with_name(out.name + ".cache.safetensors")
+    legacy = out.with_name(out.name + ".cache.pt")
+    model = wrapped.model
+    model.eval()
+    sites = wrapped.sites_for(images[:1])
+    k = min(states_per_image, sites.space_size)
+    n = images.shape[0]
+    train_meta = {"images": n, "states_per_image": k, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                  "weight_decay": weight_decay, "dim": dim, "heads": heads, "seed": seed}
+    identity = {"undiscard.backbone_fingerprint": backbone_fingerprint(model), "undiscard.sites": sites_signature(sites),
+                "undiscard.searchable": json.dumps(list(sites.searchable)),
+                "undiscard.input_size": json.dumps(list(images.shape[1:])),
+                "undiscard.align": "1" if wrapped.align else "0", "undiscard.fill": wrapped.fill,
+                "undiscard.data": _data_digest(images, labels), "undiscard.train": json.dumps(train_meta)}
+    if fresh:
+        for f in (cache_path, legacy, out):
+            if f.exists():
+                f.unlink()
+                log(f"--fresh: deleted {f}")
+    done = _completed(out, identity, log)
+    if done is not None:
+        return done
+    if legacy.exists():
+        raise FileTrustError(f"{legacy}: a feature cache in a pickle format; it is not loaded "
+                             "(unpickling a file can run code): add --fresh to delete it (or delete it) and rerun")
+    gen = torch.Generator().manual_seed(seed)
+    states = _random_states(sites, n, k, gen)
+    key = {"n": n, "k": k, "seed": seed, **{kk: v for kk, v in identity.items() if kk != "undiscard.train"}}
+    t0 = time.perf_counter()
+    cache = _feature_cache(wrapped, sites, images, states, k, key, cache_path, t0, log)
+    agg, history = _fit(wrapped, sites, cache, states, labels, k, gen, t0, epochs=epochs, batch_size=batch_size, lr=lr,
+                        weight_decay=weight_decay, dim=dim, heads=heads, seed=seed, log=log)
+    channels = cache["feats"].shape[-1]
     agg.eval()
     meta = {
         "undiscard.backbone": backbone_name,
