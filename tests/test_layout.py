@@ -200,3 +200,12 @@ def test_the_cli_docstring_and_help_list_every_subcommand(capsys):
     shown = capsys.readouterr().out
     missing = [n for n in names if f"undiscard {n} " not in cli.__doc__ or n not in shown]
     assert not missing, f"subcommands missing from the cli docstring or --help: {missing}"
+
+
+def test_the_tests_mirror_the_packages():
+    tests = Path(__file__).resolve().parent
+    folders = sorted(p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+    packages = sorted(m.split(".")[1] for m in MODULES if m.count(".") == 1 and (PKG / m.split(".")[1]).is_dir())
+    assert folders == packages, f"test folders {folders} != subpackages {packages}"
+    for f in folders:
+        assert list((tests / f).glob("test_*.py")), f"tests/{f}/ holds no tests"

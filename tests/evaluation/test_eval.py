@@ -13,7 +13,7 @@ from conftest import EPS32, cached
 from undiscard.cli.app import main
 from undiscard.evaluation.classify import EvalConfig, calibration_error, run_eval
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "zoo" / "fmnist_resnet18.safetensors"
 SHIPPED_AGG = ROOT / "zoo" / "fmnist_resnet18.aggregator.safetensors"
 

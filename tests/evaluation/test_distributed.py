@@ -20,7 +20,7 @@ import torch
 import undiscard.evaluation.classify as ev
 from undiscard.cli.app import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "zoo" / "fmnist_resnet18.safetensors"
 # 24 images in batches of 4: 6 batches, 3 per rank. One thread, so that both runs do the same arithmetic.
 ARGS = [str(SHIPPED), "--limit", "24", "--batch-size", "4", "--budget", "1,2", "--threads", "1",

@@ -19,7 +19,7 @@ from undiscard.method.segment import _LEVEL, _SkipAlignMode, aggregate_dense, al
 from undiscard.models.segmenters import build_segmenter, load_segmenter, parameter_count, save_segmenter
 
 HAS_SMP = importlib.util.find_spec("segmentation_models_pytorch") is not None
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @functools.lru_cache(maxsize=None)

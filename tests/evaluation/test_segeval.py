@@ -13,7 +13,7 @@ from undiscard.evaluation.segment import PARTIAL_KIND, SegEvalConfig, run_seg_ev
 from undiscard.statefile import load_state, save_state
 from undiscard.models.train_classifier import RESUME_KIND
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = {"deeplabv3": ROOT / "zoo" / "fmnist_seg_deeplabv3.safetensors",
            "segformer": ROOT / "zoo" / "fmnist_seg_segformer.safetensors"}
 
