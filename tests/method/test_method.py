@@ -203,3 +203,16 @@ def test_with_width_one_the_criterion_picks_from_the_second_state_on(model, x):
         for t in range(1, 4):
             best = int(torch.argmin(h[i, :t]))
             assert int((found.states[i, t] != found.states[i, best]).sum()) == 1
+
+
+def test_wrap_spells_out_every_option_of_the_wrapper_with_its_default():
+    import inspect
+
+    from undiscard.method.classify import WRAP_DEFAULTS
+
+    init = inspect.signature(undiscard.Undiscard.__init__).parameters
+    options = {k: p.default for k, p in init.items() if k not in ("self", "model")}
+    assert WRAP_DEFAULTS == options
+    params = inspect.signature(undiscard.wrap).parameters
+    assert set(params) == {"model", "config", *options}  # no **kwargs hiding an option
+    assert all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in params.values())

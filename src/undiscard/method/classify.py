@@ -29,18 +29,17 @@ import torch.nn as nn
 from undiscard.method.aggregate import entropy, entropy_weights, weighted_mean
 from undiscard.method.align import FILLS, align_to_default
 from undiscard.run.engine import use_states
+from undiscard.method.base import StateWrapper
 from undiscard.errors import OptionError, SiteMismatchError, SplitError, UndiscardError
 from undiscard.run.inputs import check_batch, check_dtype, check_eval_mode
-from undiscard.method.options import check_choice, check_positive_int
+from undiscard.method.options import check_choice
 from undiscard.method.search import CRITERIA, SearchResult, greedy_search, image_seeds
 from undiscard.sites.sitemap import SiteMap
-from undiscard.sites.discover import find_sites
 from undiscard.run.trie import SharedPrefixEvaluator
 
-__all__ = ["AGGREGATES", "ENGINES", "Details", "FeatureSplit", "Searched", "Undiscard", "split_classifier", "wrap"]
+__all__ = ["AGGREGATES", "Details", "FeatureSplit", "Searched", "Undiscard", "split_classifier", "wrap"]
 
 AGGREGATES = ("mean", "entropy", "attention")
-ENGINES = ("trie", "rerun")
 
 
 # --------------------------------------------------------------------- feature / head split
@@ -193,8 +192,10 @@ class Details:
 
 # --------------------------------------------------------------------- the module
 
-class Undiscard(nn.Module):
+class Undiscard(StateWrapper):
     """A classifier that aggregates ``budget`` searched offset states (see :func:`wrap`)."""
+
+    criteria, aggregates, fills = CRITERIA, AGGREGATES, FILLS
 
     def __init__(
         self,
@@ -216,7 +217,6 @@ class Undiscard(nn.Module):
         prior: Any = None,
         policy: Any = None,
     ) -> None:
-        super().__init__()
         if policy is not None:
             try:
                 policy = torch.as_tensor(policy, dtype=torch.long)
@@ -229,14 +229,11 @@ class Undiscard(nn.Module):
                 raise OptionError(f"budget {budget} exceeds the policy's {policy.shape[0]} states")
         if prior is not None:
             prior = torch.as_tensor(prior, dtype=torch.float64)
-        check_positive_int("budget", budget, hint=" (1 = the plain model)")
-        check_choice("criterion", criterion, CRITERIA)
-        check_choice("aggregate", aggregate, AGGREGATES)
-        check_positive_int("max_batch", max_batch)
-        check_choice("engine", engine, ENGINES)
-        check_choice("fill", fill, FILLS)
-        if width is not None:
-            check_positive_int("width", width, hint=" or None (all neighbours of the chosen state)")
+        # a torch.compile'd model: the plain forward (budget 1) stays compiled; the engine
+        # intercepts ops in Python and runs the eager module underneath
+        super().__init__(getattr(model, "_orig_mod", model), budget, criterion, aggregate, searchable=searchable,
+                         max_batch=max_batch, engine=engine, seed=seed, width=width, fill=fill,
+                         return_details=return_details)
         if isinstance(aggregator, (str, bytes)) or hasattr(aggregator, "__fspath__"):
             from undiscard.method.learned import load_aggregator
 
@@ -247,48 +244,33 @@ class Undiscard(nn.Module):
                 f"{what} needs a trained aggregator: pass aggregator=PATH (from `undiscard train-aggregator`) "
                 "or an AttentionAggregator"
             )
-        # a torch.compile'd model: the plain forward (budget 1) stays compiled; the engine
-        # intercepts ops in Python and runs the eager module underneath
         self.__dict__["_plain"] = model  # not a submodule: it shares the parameters of self.model
-        model = getattr(model, "_orig_mod", model)
-        self.model = model
-        self.split = split_classifier(model, split)
-        self.budget, self.criterion, self.aggregate = budget, criterion, aggregate
+        self.split = split_classifier(self.model, split)
         self.aggregator = aggregator
-        self.searchable, self.align, self.fill = searchable, bool(align), fill
-        self.width, self.max_batch, self.seed = width, int(max_batch), seed
-        self.return_details = return_details
-        self.engine = engine
+        self.align = bool(align)
         self.prior, self.policy = prior, policy
-        self.last_rows: list[int] = []  # rows computed per searchable site by the last search
-        self._sites: dict[tuple, SiteMap] = {}
         if aggregator is not None:
             aggregator.check_align(self.align)
 
-    def sites_for(self, x: torch.Tensor) -> SiteMap:
-        """The sites of the model at ``x``'s size (found once per input size).
-
-        On first use at a size, the features / head split is verified on (up to two of)
-        the images: ``head(features(x)) == model(x)``, else :class:`SplitError`.
-        """
+    def check_input(self, x: Any) -> None:
         check_batch(x)
-        key = tuple(x.shape[1:])
-        if key not in self._sites:
-            sites = find_sites(self.model, x[:1], searchable=self.searchable)  # clear errors for a bad input
-            check_batch(x, len(sites.stride_total))
-            if x.shape[0]:
-                verify_split(self.model, self.split, x[:2])
-            if self.aggregator is not None:
-                from undiscard.method.learned import sites_signature
 
-                want = getattr(self.aggregator, "meta", {}).get("undiscard.sites")
-                if want is not None and want != sites_signature(sites):
-                    raise SiteMismatchError(
-                        f"the aggregator was trained with searchable sites {want}, but at input size {list(key)} "
-                        f"they are {sites_signature(sites)}: use the input size and searchable sites it was trained with"
-                    )
-            self._sites[key] = sites
-        return self._sites[key]
+    def check_sites(self, x: torch.Tensor, sites: SiteMap) -> None:
+        """The batch has the sites' spatial rank; the features / head split is verified on (up to two of) the
+        images, ``head(features(x)) == model(x)`` (else :class:`SplitError`); a trained aggregator's sites match."""
+        check_batch(x, len(sites.stride_total))
+        if x.shape[0]:
+            verify_split(self.model, self.split, x[:2])
+        if self.aggregator is not None:
+            from undiscard.method.learned import sites_signature
+
+            want = getattr(self.aggregator, "meta", {}).get("undiscard.sites")
+            if want is not None and want != sites_signature(sites):
+                raise SiteMismatchError(
+                    f"the aggregator was trained with searchable sites {want}, but at input size "
+                    f"{list(x.shape[1:])} they are {sites_signature(sites)}: use the input size and searchable "
+                    "sites it was trained with"
+                )
 
     # -- search ------------------------------------------------------------
     def search(self, x: torch.Tensor, budget: int | None = None, criterion: str | None = None) -> Searched:
@@ -414,6 +396,22 @@ class Undiscard(nn.Module):
         return logits
 
 
+class _Default:
+    """The value of a :func:`wrap` option that was not given (its default applies)."""
+
+    def __repr__(self) -> str:
+        return "default"
+
+
+DEFAULT = _Default()
+
+#: What :func:`wrap` uses for an option it is not given.
+WRAP_DEFAULTS: dict[str, Any] = {"budget": 4, "criterion": "displacement", "aggregate": "entropy", "aggregator": None,
+                                 "searchable": "inner", "align": True, "fill": "zeros", "width": 1, "max_batch": 64,
+                                 "seed": 0, "split": None, "return_details": False, "engine": "trie", "prior": None,
+                                 "policy": None}
+
+
 def wrap(
     model: nn.Module,
     budget: int | None = None,
@@ -421,7 +419,18 @@ def wrap(
     aggregate: str | None = None,
     *,
     config: str | os.PathLike | None = None,
-    **kwargs: Any,
+    aggregator: Any = None,
+    searchable: Any = None,
+    align: bool | None = None,
+    fill: str | None = None,
+    width: int | None | _Default = DEFAULT,
+    max_batch: int | None = None,
+    seed: int | None = None,
+    split: tuple[Callable, Callable] | None = None,
+    return_details: bool = False,
+    engine: str | None = None,
+    prior: Any = None,
+    policy: Any = None,
 ) -> Undiscard:
     """Wrap a classifier so that it aggregates ``budget`` searched offset states per image.
 
@@ -433,40 +442,48 @@ def wrap(
             ``entropy`` (lower predictive entropy first), ``learned`` (needs
             ``aggregator``), ``random``.
         aggregate: ``mean``, ``entropy`` (default) or ``attention`` (needs ``aggregator``).
+        config: a configuration written by ``undiscard fit`` for this model (refused,
+            :class:`~undiscard.errors.ConfigError`, for any other model): it sets the
+            budget, criterion, aggregation and search options, so pass none of them.
+        aggregator: a trained :class:`~undiscard.method.learned.AttentionAggregator` or its path.
+        searchable: the searched sites: ``"inner"`` (default: every main-path site but the
+            first and the last), ``"main"``, ``"all"`` or site indices.
+        align: shift the states' final maps onto the default grid before combining (default True).
+        fill: the border fill of the sub-cell shift: ``"zeros"`` (default), ``"border"``, ``"circular"``.
+        width: states evaluated per image per step: 1 (default; the criterion picks every
+            state) or ``None`` (all neighbours of the chosen state at once: fewer steps, but
+            the criterion only acts once the first state's neighbours are used up).
+        max_batch: states per forward (default 64).
+        seed: the seed of the per-image random choices (default 0).
+        split: ``(features, head)`` callables for a model that is not a timm classifier.
+        return_details: return ``(logits, Details)`` instead of the logits.
+        engine: ``"trie"`` (default: the shared-prefix engine) or ``"rerun"`` (one forward per state).
+        prior: an ``(L, R)`` neighbour order, see :func:`undiscard.method.search.greedy_search`.
+        policy: a fixed list of states evaluated for every image instead of a search
+            (``budget`` of them).
 
     The defaults (4 states, displacement order, entropy weights) are the learning-free
     setting with the best validation accuracy at 4 states on the project's Fashion-MNIST
     zoo (docs/results.md, *The default wrapper*); even so it loses accuracy there on
     average. Whether any setting helps a given model is a question for its validation
     data: ``undiscard fit`` answers it and writes a configuration (``config=``).
-        **kwargs: ``aggregator`` (path or module), ``searchable`` (``"inner"`` default:
-            every main site but the first and last; ``"main"``, ``"all"`` or indices),
-            ``align`` (True), ``fill`` (``"zeros"``: the border fill of the sub-cell
-            shift), ``width`` (states evaluated per image per
-            step, default 1: the criterion picks every state; ``None``: all neighbours of
-            the chosen state at once, fewer steps but the criterion only acts once the
-            first state's neighbours are used up), ``max_batch`` (states
-            per forward), ``seed``, ``split``, ``return_details`` (return
-            ``(logits, Details)``), ``prior`` (``(L, R)`` neighbour order, see
-            :func:`undiscard.method.search.greedy_search`), ``policy`` (a fixed list of states
-            evaluated for every image instead of a search; ``budget`` of them).
-        config: a configuration written by ``undiscard fit`` for this model (refused,
-            :class:`~undiscard.errors.ConfigError`, for any other model): it sets the
-            budget, criterion, aggregation and search options, so pass none of them.
 
     Returns:
         An :class:`Undiscard` module; call it like ``model``.
     """
+    given = {k: v for k, v in dict(budget=budget, criterion=criterion, aggregate=aggregate, aggregator=aggregator,
+                                   searchable=searchable, align=align, fill=fill, width=width, max_batch=max_batch,
+                                   seed=seed, split=split, return_details=return_details, engine=engine, prior=prior,
+                                   policy=policy).items()
+             if v is not DEFAULT and (v is not None or k == "width")}
     if config is not None:
         from undiscard.method.config import WRAP_KEYS, wrap_kwargs
 
-        given = dict(kwargs, budget=budget, criterion=criterion, aggregate=aggregate)
-        clash = sorted(k for k in WRAP_KEYS if given.get(k) is not None)
+        clash = sorted(k for k in WRAP_KEYS if k in given)
         if clash:
             raise OptionError(f"{', '.join(clash)} come from the configuration {config}; do not pass them too")
-        return Undiscard(model, **{**wrap_kwargs(config, model), **kwargs})
-    return Undiscard(model, 4 if budget is None else budget, criterion or "displacement", aggregate or "entropy",
-                     **kwargs)
+        return Undiscard(model, **{**WRAP_DEFAULTS, **wrap_kwargs(config, model), **given})
+    return Undiscard(model, **{**WRAP_DEFAULTS, **given})
 
 
 def budgets_from(text: str | Sequence[int]) -> list[int]:

@@ -65,12 +65,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from undiscard.run.engine import use_states
+from undiscard.method.base import StateWrapper
 from undiscard.errors import InputError, StateError, UndiscardError
 from undiscard.run.inputs import check_batch, check_dtype, check_eval_mode
-from undiscard.method.options import check_choice, check_positive_int
+from undiscard.method.options import check_choice
 from undiscard.method.search import greedy_search, image_seeds
 from undiscard.sites.sitemap import SiteMap
-from undiscard.sites.discover import find_sites
 from undiscard.run.dispatch import CallMatcher, tensors_in
 from undiscard.run.trie import SharedPrefixEvaluator
 
@@ -92,7 +92,6 @@ __all__ = [
 SEG_AGGREGATES = ("mean", "entropy")
 SEG_CRITERIA = ("entropy", "random", "displacement")
 SEG_FILLS = ("mask", "circular")
-ENGINES = ("trie", "rerun")
 
 
 # --------------------------------------------------------------------- running the model
@@ -677,7 +676,7 @@ class SegDetails:
 
 # --------------------------------------------------------------------- the module
 
-class SegmentationUndiscard(nn.Module):
+class SegmentationUndiscard(StateWrapper):
     """A segmentation network that aggregates ``budget`` searched offset states (see :func:`wrap_segmentation`).
 
     ``cache_bytes``: a search keeps every state's input-resolution probabilities for
@@ -686,6 +685,7 @@ class SegmentationUndiscard(nn.Module):
     """
 
     cache_bytes: int = 1 << 30
+    criteria, aggregates, fills, task_note = SEG_CRITERIA, SEG_AGGREGATES, SEG_FILLS, " for segmentation"
 
     def __init__(
         self,
@@ -704,41 +704,24 @@ class SegmentationUndiscard(nn.Module):
         align_skips: bool = True,
         return_details: bool = False,
     ) -> None:
-        super().__init__()
-        check_positive_int("budget", budget, hint=" (1 = the plain model)")
-        check_choice("criterion", criterion, SEG_CRITERIA, what=" for segmentation")
-        check_choice("aggregate", aggregate, SEG_AGGREGATES, what=" for segmentation")
-        check_positive_int("max_batch", max_batch)
-        check_choice("engine", engine, ENGINES)
-        check_choice("fill", fill, SEG_FILLS)
-        if width is not None:
-            check_positive_int("width", width, hint=" or None (all neighbours of the chosen state)")
+        super().__init__(model, budget, criterion, aggregate, searchable=searchable, max_batch=max_batch,
+                         engine=engine, seed=seed, width=width, fill=fill, return_details=return_details)
         if output is not None and not callable(output):
             raise UndiscardError(f"output must be a callable (model output -> logits) or None; got {type(output).__name__}")
-        self.model = model
-        self.budget, self.criterion, self.aggregate = budget, criterion, aggregate
-        self.searchable, self.max_batch, self.engine = searchable, max_batch, engine
-        self.seed, self.width, self.fill = seed, width, fill
-        self.output, self.return_details = output, return_details
+        self.output = output
         self.align_skips = bool(align_skips)
         self.last_out_level: int | None = None  # levels (searchable sites) the last search's outputs moved with
         self.forward_logits = dense_forward(model, output)
-        self.last_rows: list[int] = []  # rows computed per searchable site by the last search
         self.last_engine = engine  # what the last search ran on ("rerun (fallback)" when the trie could not share)
-        self._sites: dict[tuple, SiteMap] = {}
         self._workspace = _Workspace()
         self._crosses: set[tuple] = set()  # input sizes at which the model was seen to cross a searched site
 
-    def sites_for(self, x: torch.Tensor) -> SiteMap:
-        """The sites of the model at ``x``'s size (found once per input size)."""
+    def check_input(self, x: Any) -> None:
         _check_input(x)
-        key = tuple(x.shape[1:])
-        if key not in self._sites:
-            sites = find_sites(self.model, x[:1], searchable=self.searchable)
-            if len(sites.stride_total) != 2:
-                raise InputError(f"dense prediction needs 2-d sites; this model's have {len(sites.stride_total)} spatial axes")
-            self._sites[key] = sites
-        return self._sites[key]
+
+    def check_sites(self, x: torch.Tensor, sites: SiteMap) -> None:
+        if len(sites.stride_total) != 2:
+            raise InputError(f"dense prediction needs 2-d sites; this model's have {len(sites.stride_total)} spatial axes")
 
     # -- evaluation of states ------------------------------------------------
     def _evaluator(self, x: torch.Tensor, sites: SiteMap) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
