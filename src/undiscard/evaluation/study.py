@@ -29,7 +29,9 @@ Every number is from this command; ``scripts/render_study.py`` turns the JSON fi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,7 +42,7 @@ from undiscard.evaluation.runio import median_time
 from undiscard.evaluation.fit import StateTable, aggregate_logits, fit, fit_table_policy, replay, site_prior, state_table, table_search
 from undiscard.evaluation.stats import compare
 
-__all__ = ["BUDGETS_TEST", "DEFAULT_WRAP", "cached_table", "VARIANTS", "variant_indices",
+__all__ = ["checkpoint_sha256", "BUDGETS_TEST", "DEFAULT_WRAP", "cached_table", "VARIANTS", "variant_indices",
            "search_on_validation", "search_on_test", "paired_correct", "run", "resolved_default",
            "refresh_default", "offset_augment_study", "main"]
 
@@ -52,19 +54,30 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a checkpoint file's bytes (what a study was computed from; ``scripts/study.sh`` compares it)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def cached_table(path: Path, model, x, **kw) -> StateTable:
+    """The state table of ``model`` on ``x``, cached at ``path``; a cache of another model (its weights'
+    fingerprint) or another number of images is recomputed, never reused."""
+    from undiscard.method.config import model_fingerprint
     from undiscard.sites.discover import find_sites
     from undiscard.statefile import load_state, save_state
 
+    fingerprint = model_fingerprint(model)
     if path.exists():
         d = load_state(path, "undiscard.study-table/1", what="state table cache")
-        sites = find_sites(model, x[0:1], searchable=kw.get("searchable", "inner"))
-        return StateTable(d["states"], d["logits"], [int(s) for s in d["seeds"]], sites)
+        if d.get("fingerprint") == fingerprint and d["logits"].shape[0] == x.shape[0]:
+            sites = find_sites(model, x[0:1], searchable=kw.get("searchable", "inner"))
+            return StateTable(d["states"], d["logits"], [int(s) for s in d["seeds"]], sites)
+        _log(f"  table {path.name}: cached for another model or image set; computing it afresh")
     t0 = time.perf_counter()
     t = state_table(model, x, batch=64, **kw)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_state({"states": t.states, "logits": t.logits, "seeds": [str(s) for s in t.seeds]}, path,
-               "undiscard.study-table/1")
+    save_state({"states": t.states, "logits": t.logits, "seeds": [str(s) for s in t.seeds],
+                "fingerprint": fingerprint}, path, "undiscard.study-table/1")
     _log(f"  table {path.name}: {tuple(t.logits.shape)} in {time.perf_counter() - t0:.0f} s")
     return t
 
@@ -153,8 +166,11 @@ def run(name: str, ckpt: str, out: Path, cache: Path, *, shift: int = 8, ablatio
     from undiscard.models.classifiers import load_model
     from undiscard.evaluation.paired import consistency, paired_report, predict
 
+    sha = checkpoint_sha256(ckpt)
     result: dict = json.loads(out.read_text()) if out.exists() else {}
-    result.update(name=name, checkpoint=ckpt)
+    if result.get("checkpoint_sha256") != sha:  # another model under this name: nothing of its study is kept
+        result = {}
+    result.update(name=name, checkpoint=ckpt, checkpoint_sha256=sha)
     loaded = load_model(ckpt)
     model = loaded.model
     c, h, _ = loaded.input_size
