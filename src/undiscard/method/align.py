@@ -22,8 +22,29 @@ __all__ = ["FILLS", "shift_cells", "align_to_default"]
 FILLS = ("zeros", "border", "circular")
 
 
+def _shift_int_border(f: torch.Tensor, k: torch.Tensor, dim: int) -> torch.Tensor:
+    """``out[i, ..., j, ...] = f[i, ..., clamp(j - k_i, 0, n - 1), ...]`` along ``dim``, by slice copies
+    (the values a gather with clamped indices gives, without building the index tensor)."""
+    n = f.shape[dim]
+    ks = [max(-n, min(n, v)) for v in k.tolist()]
+    out = torch.empty(f.shape, dtype=f.dtype, device=f.device)  # contiguous, as gather's result
+    pairs = [(f, out, ks[0], dim)] if len(set(ks)) == 1 else [(f[i], out[i], v, dim - 1) for i, v in enumerate(ks)]
+    for src, dst, v, d in pairs:
+        if v >= 0:
+            dst.narrow(d, v, n - v).copy_(src.narrow(d, 0, n - v))
+            if v:
+                dst.narrow(d, 0, v).copy_(src.narrow(d, 0, 1).expand_as(dst.narrow(d, 0, v)))
+        else:
+            v = -v
+            dst.narrow(d, 0, n - v).copy_(src.narrow(d, v, n - v))
+            dst.narrow(d, n - v, v).copy_(src.narrow(d, n - 1, 1).expand_as(dst.narrow(d, n - v, v)))
+    return out
+
+
 def _shift_int(f: torch.Tensor, k: torch.Tensor, dim: int, fill: str) -> torch.Tensor:
     """``out[i] = f[i - k]`` along ``dim`` with a per-sample integer ``k`` of shape ``(N,)``."""
+    if fill == "border":
+        return _shift_int_border(f, k, dim)
     n = f.shape[dim]
     src = torch.arange(n, device=f.device)[None, :] - k[:, None]  # (N, n)
     if fill == "circular":

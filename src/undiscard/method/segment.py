@@ -65,6 +65,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from undiscard.run.engine import use_states
+from undiscard.method.align import shift_cells
 from undiscard.method.base import StateWrapper
 from undiscard.errors import InputError, StateError, UndiscardError
 from undiscard.run.inputs import check_batch, check_dtype, check_eval_mode
@@ -389,44 +390,6 @@ def level_displacements(sites: SiteMap, states: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _shift_int_border(f: torch.Tensor, k: torch.Tensor, dim: int) -> torch.Tensor:
-    """``out[i, ..., j, ...] = f[i, ..., clamp(j - k_i, 0, n - 1), ...]`` along ``dim``: slice copies
-    (the same values as :func:`undiscard.method.align.shift_cells`' gather with ``fill="border"``)."""
-    n = f.shape[dim]
-    ks = [max(-n, min(n, v)) for v in k.tolist()]
-    out = torch.empty(f.shape, dtype=f.dtype, device=f.device)  # contiguous, as gather's result
-    pairs = [(f, out, ks[0], dim)] if len(set(ks)) == 1 else [(f[i], out[i], v, dim - 1) for i, v in enumerate(ks)]
-    for src, dst, v, d in pairs:
-        if v >= 0:
-            dst.narrow(d, v, n - v).copy_(src.narrow(d, 0, n - v))
-            if v:
-                dst.narrow(d, 0, v).copy_(src.narrow(d, 0, 1).expand_as(dst.narrow(d, 0, v)))
-        else:
-            v = -v
-            dst.narrow(d, 0, n - v).copy_(src.narrow(d, v, n - v))
-            dst.narrow(d, n - v, v).copy_(src.narrow(d, n - 1, 1).expand_as(dst.narrow(d, n - v, v)))
-    return out
-
-
-def _shift_cells_border(f: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """:func:`undiscard.method.align.shift_cells` with ``fill="border"``, by slices instead of gathers (same arithmetic)."""
-    shift = shift.to(device=f.device, dtype=torch.float64)
-    out = f
-    for a in range(f.dim() - 2):
-        dim = 2 + a
-        lo = torch.floor(shift[:, a])
-        frac = (shift[:, a] - lo).to(f.dtype)
-        k = lo.long()
-        base = _shift_int_border(out, k, dim)
-        if bool((frac == 0).all()):
-            out = base
-            continue
-        nxt = _shift_int_border(out, k + 1, dim)
-        w = frac.reshape([-1] + [1] * (f.dim() - 1))
-        out = base * (1 - w) + nxt * w
-    return out
-
-
 class _SkipAlignMode(TorchFunctionMode):
     """Aligns encoder features that meet across searchable sites (U-Net / FPN / SegFormer skips).
 
@@ -490,7 +453,7 @@ class _SkipAlignMode(TorchFunctionMode):
             if not bool(rel.any()):
                 continue
             cells = rel * torch.tensor([t.shape[-2] / self.input_hw[0], t.shape[-1] / self.input_hw[1]], dtype=torch.float64)
-            shifted = _shift_cells_border(t, cells)
+            shifted = shift_cells(t, cells, "border")
             setattr(shifted, _LEVEL, low)
             swap[id(t)] = shifted
             self.merges += 1
