@@ -145,6 +145,9 @@ def read_idx(path: str | os.PathLike[str]) -> torch.Tensor:
     Raises :class:`InputError` on a bad magic number, an unknown type code, or a file
     shorter or longer than its header says, naming the file and what was expected;
     :class:`DatasetNotFoundError` when the file does not exist.
+
+    Shape:
+        - output: ``(d_1, ..., d_D)``, the sizes the header gives (any rank ``D``, 0 included).
     """
     path = Path(path)
     data = _read_bytes(path)
@@ -203,6 +206,14 @@ def split_indices(n: int, val_size: int = VAL_SIZE, seed: int = VAL_SEED) -> tup
 
     Returns ``(train_idx, val_idx)``: int64 tensors of shape ``(n - val_size,)`` and
     ``(val_size,)``, disjoint, together covering ``range(n)`` once.
+
+    Shape:
+        - output: ``(n - val_size,)`` and ``(val_size,)``, each sorted.
+
+    Example:
+        >>> train, val = split_indices(10, 3, seed=0)
+        >>> train.shape, val.shape, sorted(train.tolist() + val.tolist()) == list(range(10))
+        (torch.Size([7]), torch.Size([3]), True)
     """
     if not 0 < val_size < n:
         raise InputError(f"val_size must be in 1..n-1 (n={n}), got {val_size}")
@@ -284,6 +295,10 @@ def load_fashion_mnist(
     Raises :class:`DatasetNotFoundError` (an :class:`UndiscardError`) when the files
     are missing and ``download`` is false, saying where it looked and how to get them;
     :class:`InputError` for a bad split name or malformed files.
+
+    Shape:
+        - output: uint8 images ``(N, 28, 28)`` and int64 labels ``(N,)`` in ``0..9``,
+          ``N`` = 55,000 / 5,000 / 10,000 for ``"train"`` / ``"val"`` / ``"test"`` with the real files.
     """
     if split not in ("train", "val", "test"):
         raise InputError(f"split must be 'train', 'val' or 'test', got {split!r}")
@@ -484,6 +499,10 @@ def fashion_mnist_tensors(
     ``10000 x 3 x 224 x 224`` floats would be 6 GB, this is 2 GB); such a tensor is
     fine as model input (slice it into batches) but must not be written in place:
     call ``.contiguous()`` first if you need to.
+
+    Shape:
+        - output: ``x`` float32 ``(N, in_chans, size, size)`` and ``y`` int64 ``(N,)``, ``N``
+          the split's size (:func:`load_fashion_mnist`).
     """
     images, labels = load_fashion_mnist(root, split, download=download)
     images = _check_images(images)

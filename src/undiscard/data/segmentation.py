@@ -195,6 +195,18 @@ def canvas_layout(
     real Fashion-MNIST split's, 55,000 / 5,000 / 10,000).
 
     Needs no data files; canvas ``i`` is the same whatever other indices are asked for.
+
+    Shape:
+        - indices: ``(N,)`` canvas indices (any shape: flattened).
+        - output: ``count`` ``(N,)``; ``source``, ``scale``, ``top``, ``left`` ``(N, K)``
+          with ``K = items[1]`` slots (all int64).
+
+    Example:
+        >>> lay = canvas_layout("test", [0, 1, 2], size=56, items=(2, 3))
+        >>> lay.count.shape, lay.source.shape, bool(((lay.source >= 0).sum(1) == lay.count).all())
+        (torch.Size([3]), torch.Size([3, 3]), True)
+        >>> torch.equal(canvas_layout("test", [2], size=56, items=(2, 3)).source, lay.source[2:])
+        True
     """
     _check_split(split)
     size = _check_size(size)
@@ -239,6 +251,17 @@ def render_canvases(
     ``> threshold`` take the item's value and the label ``class + 1``; nothing else
     changes. Vectorised: per chunk of ``_CHUNK`` canvases, slot and scale, one masked
     scatter of the items' boxes into the flat canvases (no per-pixel or per-canvas loop).
+
+    Shape:
+        - images: uint8 ``(M, 28, 28)``; labels: ``(M,)``.
+        - layout: ``N`` canvases of ``K`` slots (``source`` etc. ``(N, K)``).
+        - output: uint8 canvases ``(N, size, size)`` and int64 label maps ``(N, size, size)``.
+
+    Example:
+        >>> items = torch.full((5, 28, 28), 200, dtype=torch.uint8)
+        >>> x, y = render_canvases(items, torch.arange(5), canvas_layout("val", [0, 1], size=56, n_items=5), size=56)
+        >>> x.shape, x.dtype, y.dtype, bool(((x > 0) == (y > 0)).all())
+        (torch.Size([2, 56, 56]), torch.uint8, torch.int64, True)
     """
     if images.dim() != 3 or images.shape[-2:] != (ITEM_SIZE, ITEM_SIZE) or images.dtype != torch.uint8:
         raise InputError(
@@ -311,6 +334,10 @@ def fashion_mnist_canvas(
     any ``start`` / ``limit`` covering it. Raises :class:`InputError` for an unknown
     split, ``size < 28``, bad ``items``, or ``start + limit`` past the split's end;
     :class:`DatasetNotFoundError` when the Fashion-MNIST files are missing.
+
+    Shape:
+        - output: ``x`` float32 ``(N, 1, size, size)`` and ``y`` int64 ``(N, size, size)`` in
+          ``0..10``; ``N = limit``, or up to the split's end.
     """
     _check_split(split)
     size = _check_size(size)
@@ -795,6 +822,10 @@ def load_segmentation(
     Raises :class:`UndiscardError` for a spec of no accepted form (listing them),
     :class:`InputError` for a range past the end or images of mixed sizes with
     ``size=None`` (suggesting a ``size``).
+
+    Shape:
+        - output: ``x`` float32 ``(N, C, H, W)`` and ``y`` int64 ``(N, H, W)`` (values in
+          ``0..num_classes-1`` or ``ignore_index``).
     """
     data, name, k, ignore = open_segmentation(spec, size, limit, start)
     x, y = data.batch(0, len(data))

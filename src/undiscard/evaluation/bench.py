@@ -308,7 +308,7 @@ TARGETS = "B=1 <= 1.03x plain; resnet50 B=10 <= 10x plain and <= 1.2x the floor;
 
 
 def targets(result: dict) -> list[tuple[str, str, bool | None]]:
-    """(target, measured, met) for the issue's targets that this result covers."""
+    """(target, measured, met) for the performance targets of :data:`TARGETS` that this result covers."""
     out = []
     for name, m in result["models"].items():
         for r in m["rows"]:

@@ -78,6 +78,21 @@ def run_checks(model: nn.Module, sites: SiteMap, x: torch.Tensor, *, batch: int 
         sites: from :func:`undiscard.find_sites` on this model.
         x: ``(N, C, H, W)`` example; a batch of ``batch`` random inputs of its per-sample
             shape is drawn (seeded).
+        batch: the number of random inputs.
+        seed: the seed of the inputs and of the per-sample states.
+
+    Shape:
+        - x: ``(N, C, *spatial)``; only its per-sample shape ``x.shape[1:]``, dtype and device
+          are used (the checks run on ``(batch, *x.shape[1:])`` random inputs).
+        - output: one :class:`CheckResult` per invariant.
+
+    Example:
+        >>> from undiscard import find_sites
+        >>> model = nn.Sequential(*[nn.Conv2d(1 if i == 0 else 2, 2, 3, stride=2, padding=1) for i in range(3)]).eval()
+        >>> x = torch.zeros(1, 1, 16, 16)
+        >>> [(r.name, r.passed) for r in run_checks(model, find_sites(model, x), x)]  # doctest: +NORMALIZE_WHITESPACE
+        [('offset_zero_is_identity', True), ('per_sample_states_match_one_by_one', True),
+         ('every_offset_keeps_shapes', True)]
     """
     g = torch.Generator().manual_seed(seed)
     xb = torch.randn((batch, *x.shape[1:]), generator=g, dtype=x.dtype).to(x.device)

@@ -88,7 +88,21 @@ def saved_config(cfg) -> dict:
 
 
 def calibration_error(conf: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> float:
-    """Expected calibration error with ``bins`` equal-width confidence bins."""
+    """Expected calibration error with ``bins`` equal-width confidence bins.
+
+    ``sum over bins of (share of the images in the bin) * |mean confidence - accuracy|``, a
+    fraction in ``[0, 1]`` (NaN for no image); bin ``b`` holds the confidences in
+    ``(b / bins, (b + 1) / bins]``.
+
+    Shape:
+        - conf: ``(N,)`` confidences in ``[0, 1]`` (e.g. the top softmax probability).
+        - correct: ``(N,)`` bool or 0/1.
+        - output: a Python float.
+
+    Example:
+        >>> round(calibration_error(torch.tensor([0.9, 0.9]), torch.tensor([True, False])), 6)
+        0.4
+    """
     if conf.numel() == 0:
         return float("nan")
     edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
@@ -294,7 +308,7 @@ def _partial_path(out: Path, rank: int, world: int) -> Path:
 
 def _saved_partials(out: Path, legacy: bool = False) -> dict[Path, int]:
     """Saved partial states of ``out`` -> the number of processes of the run that saved each
-    (``legacy``: the ``.partial.pt`` pickles of older versions instead)."""
+    (``legacy``: the ``.partial.pt`` pickle files instead, which are refused, never loaded)."""
     ext = _LEGACY if legacy else _PARTIAL
     found: dict[Path, int] = {}
     single = out.with_suffix(ext)

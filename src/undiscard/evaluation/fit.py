@@ -139,7 +139,17 @@ def _check_affine(u, found) -> None:
 
 
 def aggregate_logits(logits: torch.Tensor, how: str) -> torch.Tensor:
-    """``(N, B, K)`` states' logits -> ``(N, K)``: the wrapper's ``mean`` / ``entropy`` aggregation."""
+    """``(N, B, K)`` states' logits -> ``(N, K)``: the wrapper's ``mean`` / ``entropy`` aggregation.
+
+    Shape:
+        - logits: ``(N, B, K)``.
+        - output: ``(N, K)``.
+
+    Example:
+        >>> lg = torch.tensor([[[2.0, 0.0], [0.0, 0.0]]])
+        >>> aggregate_logits(lg, "mean").tolist(), aggregate_logits(lg, "entropy").argmax(1).tolist()
+        ([[1.0, 0.0]], [0])
+    """
     if how == "mean":
         return logits.mean(1)
     if how == "entropy":
@@ -153,6 +163,20 @@ def table_search(table: StateTable, budget: int, criterion: str = "entropy", *, 
 
     It runs :func:`undiscard.method.search.greedy_search` with the images' own seeds and the
     table as the network, so the result is the wrapper's (same criterion, width, prior).
+
+    Shape:
+        - table: ``logits`` ``(N, S, K)``, ``states`` ``(S, L)``.
+        - prior: ``(L, R)`` or ``None``.
+        - output: ``(N, budget)`` int64 indices into ``table.states``, the default (0) first.
+
+    Example:
+        >>> model = nn.Sequential(*[nn.Conv2d(1, 1, 3, stride=2, padding=1) for _ in range(3)])
+        >>> sites = find_sites(model, torch.zeros(1, 1, 16, 16))  # one searched site: 4 states
+        >>> g = torch.Generator().manual_seed(0)
+        >>> table = StateTable(all_states(sites), torch.randn(5, 4, 3, generator=g), list(range(5)), sites)
+        >>> idx = table_search(table, 3)
+        >>> idx.shape, idx[:, 0].tolist()
+        (torch.Size([5, 3]), [0, 0, 0, 0, 0])
     """
     index = table.index()
     lg = table.logits
@@ -175,6 +199,20 @@ def replay(table: StateTable, wrap: dict) -> torch.Tensor:
     ``wrap`` holds learning-free settings only (``budget``, ``criterion``, ``aggregate``,
     ``width``, ``prior``, ``policy``) over the table's searchable sites; unset ones take
     the wrapper's defaults.
+
+    Shape:
+        - table: ``logits`` ``(N, S, K)``.
+        - output: ``(N, K)``.
+
+    Example:
+        >>> model = nn.Sequential(*[nn.Conv2d(1, 1, 3, stride=2, padding=1) for _ in range(3)])
+        >>> sites = find_sites(model, torch.zeros(1, 1, 16, 16))  # one searched site: 4 states
+        >>> g = torch.Generator().manual_seed(0)
+        >>> table = StateTable(all_states(sites), torch.randn(5, 4, 3, generator=g), list(range(5)), sites)
+        >>> torch.equal(replay(table, {"budget": 1}), table.logits[:, 0])
+        True
+        >>> replay(table, {"budget": 2, "criterion": "entropy", "aggregate": "mean"}).shape
+        torch.Size([5, 3])
     """
     import inspect
 
@@ -204,7 +242,13 @@ def _nll(lg: torch.Tensor, y: torch.Tensor) -> float:
 def site_prior(table: StateTable, y: torch.Tensor) -> torch.Tensor:
     """``(L, R)``: for offset ``k`` of searchable site ``j``, how much averaging the default
     state with the single-site state ``(0, .., k, .., 0)`` lowers the NLL on ``y``
-    (0 for ``k = 0``). Higher is more useful."""
+    (0 for ``k = 0``). Higher is more useful.
+
+    Shape:
+        - table: ``logits`` ``(N, S, K)`` (its states must include every single-site state).
+        - y: ``(N,)`` int64 labels.
+        - output: ``(L, R)`` float64, ``R`` the largest searchable site's offset count.
+    """
     sites = table.sites
     L = len(sites.searchable)
     r = max((s.num_offsets for s in sites.searchable_sites), default=1)
@@ -222,7 +266,13 @@ def site_prior(table: StateTable, y: torch.Tensor) -> torch.Tensor:
 
 def fit_table_policy(table: StateTable, y: torch.Tensor, max_budget: int) -> list[int]:
     """Greedy forward selection of ``max_budget`` table states (the default first) that
-    lowers the NLL of the mean of their logits on ``y``; returns table indices."""
+    lowers the NLL of the mean of their logits on ``y``; returns table indices.
+
+    Shape:
+        - table: ``logits`` ``(N, S, K)``.
+        - y: ``(N,)`` int64 labels.
+        - output: ``min(max_budget, S)`` distinct indices into ``table.states``, ``0`` first.
+    """
     chosen = [0]
     total = table.logits[:, 0].double().clone()
     for k in range(2, min(max_budget, table.states.shape[0]) + 1):
@@ -256,7 +306,13 @@ class Candidate:
 
 def candidates(table: StateTable, fit_on: StateTable, y_fit: torch.Tensor, max_cost: int, *,
                criteria: Sequence[str] = LEARNING_FREE, searchable: Any = "inner") -> list[Candidate]:
-    """Every candidate of cost ``<= max_cost`` on ``table``, its priors and policies fitted on ``fit_on``."""
+    """Every candidate of cost ``<= max_cost`` on ``table``, its priors and policies fitted on ``fit_on``.
+
+    Shape:
+        - table: ``logits`` ``(N, S, K)``; fit_on: ``logits`` ``(N_fit, S, K)`` (same states).
+        - y_fit: ``(N_fit,)`` int64 labels of ``fit_on``'s images.
+        - output: :class:`Candidate` s, each with ``chosen`` ``(N, cost)`` table indices.
+    """
     n = table.logits.shape[0]
     space = table.states.shape[0]
     top = min(max_cost, space)
@@ -308,6 +364,10 @@ def fit(table: StateTable, y: torch.Tensor, max_cost: int = 4, *, alpha: float =
     Returns ``{"wrap": wrap arguments, "name", "cost", "validation": evidence}``;
     ``wrap`` is ``{"budget": 1}`` (the plain model) when nothing beats the plain model
     significantly.
+
+    Shape:
+        - table: ``logits`` ``(N, S, K)``, ``N >= 20`` validation images.
+        - y: ``(N,)`` int64 labels.
     """
     if max_cost < 1:
         raise OptionError(f"--max-cost is in plain forwards, at least 1; got {max_cost}")

@@ -59,7 +59,14 @@ def _all_states(sites: SiteMap) -> torch.Tensor:
 def policy_features(u: Undiscard, x: torch.Tensor, sites: SiteMap, states: torch.Tensor, *,
                     batch: int = 16) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Aligned final maps ``(N, S, P, C)`` of every image under every state of ``states`` ``(S, L)``
-    (one shared-prefix pass per batch of images) and the map's grid."""
+    (one shared-prefix pass per batch of images) and the map's grid.
+
+    Shape:
+        - x: ``(N, C_in, H, W)``.
+        - states: ``(S, L)`` flat offset indices.
+        - output: ``(N, S, P, C)`` (``P`` positions of the final map, ``C`` its channels) and
+          the grid, e.g. ``(h, w)``.
+    """
     sp = u.split
     delta = sites.displacement(states)
     outs = []
@@ -83,7 +90,13 @@ def _head(u: Undiscard, pos: torch.Tensor, grid: tuple[int, ...]) -> torch.Tenso
 @torch.no_grad()
 def fit_policy(u: Undiscard, x: torch.Tensor, y: torch.Tensor, sites: SiteMap, max_budget: int, *,
                batch: int = 16, log=print) -> Policy:
-    """Greedy forward selection of ``max_budget`` states (without repetition) on ``(x, y)``."""
+    """Greedy forward selection of ``max_budget`` states (without repetition) on ``(x, y)``.
+
+    Shape:
+        - x: ``(N, C, H, W)``; y: ``(N,)`` int64 labels.
+        - output: a :class:`Policy` of ``max_budget`` states of ``L = len(sites.searchable)``
+          flat offsets each, and ``max_budget`` validation NLLs / top-1s.
+    """
     if sites.space_size > MAX_SPACE:
         raise StateError(f"a policy space of {sites.space_size} states is more than {MAX_SPACE}: search fewer sites")
     if not 1 <= max_budget <= sites.space_size:
@@ -119,7 +132,12 @@ def fit_policy(u: Undiscard, x: torch.Tensor, y: torch.Tensor, sites: SiteMap, m
 
 @torch.no_grad()
 def evaluate_policy(u: Undiscard, policy: Policy, x, y: torch.Tensor, sites: SiteMap, *, batch: int = 64) -> list[float]:
-    """Top-1 on ``(x, y)`` of the mean of the first ``b`` states, for every ``b``."""
+    """Top-1 on ``(x, y)`` of the mean of the first ``b`` states, for every ``b``.
+
+    Shape:
+        - x: ``(N, C, H, W)`` (a tensor or anything sliceable); y: ``(N,)`` int64 labels.
+        - output: ``len(policy.states)`` top-1s in points.
+    """
     states = torch.tensor(policy.states, dtype=torch.long)
     correct = torch.zeros(states.shape[0])
     for s in range(0, y.shape[0], batch):

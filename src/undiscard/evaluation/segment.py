@@ -418,7 +418,17 @@ def per_image_stats(pred: torch.Tensor, target: torch.Tensor, k: int, ignore: in
     prediction ``c``), ``[i, 1, c]`` false positives (predicted ``c``, target another class) and
     ``[i, 2, c]`` false negatives (target ``c``, predicted another class). Pixels whose target is
     ``ignore`` are not counted: the diagonal, column sums minus diagonal and row sums minus diagonal
-    of :class:`~undiscard.data.segmentation.SegMetrics`' confusion matrix of that image."""
+    of :class:`~undiscard.data.segmentation.SegMetrics`' confusion matrix of that image.
+
+    Shape:
+        - pred, target: ``(N, H, W)`` integer class ids (any ``(N, ...)``, both the same size).
+        - output: int32 ``(N, 3, K)``, ``K = k``.
+
+    Example:
+        >>> pred, target = torch.tensor([[[0, 1], [1, 1]]]), torch.tensor([[[0, 1], [0, 255]]])
+        >>> per_image_stats(pred, target, 2, 255).tolist()  # TP, FP, FN per class
+        [[[1, 1], [0, 1], [1, 0]]]
+    """
     n = pred.shape[0]
     t, p = target.reshape(n, -1).long(), pred.reshape(n, -1).long()
     keep = t != ignore
@@ -436,7 +446,17 @@ def per_image_stats(pred: torch.Tensor, target: torch.Tensor, k: int, ignore: in
 def summarize_stats(total: torch.Tensor) -> dict:
     """``(3, K)`` summed TP / FP / FN -> ``miou`` (%, over the classes present: TP + FP + FN > 0),
     ``pixel_accuracy`` (%, sum TP / sum (TP + FN)) and ``per_class_iou`` (%, ``None`` where absent),
-    computed as :class:`~undiscard.data.segmentation.SegMetrics` does from the confusion matrix."""
+    computed as :class:`~undiscard.data.segmentation.SegMetrics` does from the confusion matrix.
+
+    Shape:
+        - total: ``(3, K)`` (e.g. :func:`per_image_stats` summed over images).
+        - output: a dict of floats and a ``K``-long list.
+
+    Example:
+        >>> s = summarize_stats(torch.tensor([[1, 1], [0, 1], [1, 0]]))
+        >>> s["miou"], s["per_class_iou"], round(s["pixel_accuracy"], 2)
+        (50.0, [50.0, 50.0], 66.67)
+    """
     c = total.double()
     tp, fp, fn = c[0], c[1], c[2]
     union = tp + fp + fn
@@ -462,6 +482,15 @@ def bootstrap_gain(method: torch.Tensor, plain: torch.Tensor, *, resamples: int 
 
     Args:
         method, plain: per-image TP / FP / FN ``(N, 3, K)`` of the same images (:func:`per_image_stats`).
+
+    Shape:
+        - method, plain: ``(N, 3, K)``.
+        - output: ``(lo, hi)`` in mIoU points.
+
+    Example:
+        >>> st = torch.tensor([[[1, 1], [0, 1], [1, 0]], [[2, 0], [0, 0], [0, 0]]])
+        >>> bootstrap_gain(st, st, resamples=20)
+        (0.0, 0.0)
     """
     n, k = plain.shape[0], plain.shape[-1]
     g = torch.Generator().manual_seed(seed)

@@ -37,6 +37,15 @@ def paired_bootstrap(correct: torch.Tensor, base: torch.Tensor, *, resamples: in
     ``correct`` / ``base``: ``(N,)`` booleans (or 0/1) for the same ``N`` images. The
     interval is the 2.5 and 97.5 percentiles of the gain over ``resamples`` sets of ``N``
     images drawn with replacement (seeded).
+
+    Shape:
+        - correct, base: ``(N,)`` bool or 0/1, ``N >= 1``.
+        - output: three Python floats, in points (percent of the images).
+
+    Example:
+        >>> gain, lo, hi = paired_bootstrap(torch.tensor([1, 1, 1, 0]), torch.tensor([1, 0, 1, 0]), resamples=200)
+        >>> gain, 0 <= lo <= gain <= hi <= 100
+        (25.0, True)
     """
     a, b = _as_correct(correct, "correct"), _as_correct(base, "base")
     if a.shape != b.shape or a.numel() == 0:
@@ -60,6 +69,14 @@ def mcnemar(correct: torch.Tensor, base: torch.Tensor) -> dict:
     Returns ``{"wins": b, "losses": c, "p": p}``: ``b`` images right only with
     ``correct``, ``c`` right only with ``base``, and the two-sided binomial p-value of
     ``min(b, c)`` among ``b + c`` fair coin flips (1.0 when ``b + c == 0``).
+
+    Shape:
+        - correct, base: ``(N,)`` bool or 0/1.
+        - output: a dict of two ints and a float.
+
+    Example:
+        >>> mcnemar(torch.tensor([True, True, True, False]), torch.tensor([False, False, True, False]))
+        {'wins': 2, 'losses': 0, 'p': 0.5}
     """
     a, z = _as_correct(correct, "correct").bool(), _as_correct(base, "base").bool()
     if a.shape != z.shape:
@@ -76,13 +93,33 @@ def mcnemar(correct: torch.Tensor, base: torch.Tensor) -> dict:
 
 
 def compare(correct: torch.Tensor, base: torch.Tensor, *, resamples: int = 2000, seed: int = 0) -> dict:
-    """Gain in points, its paired-bootstrap 95% interval, and the McNemar test, as one dict."""
+    """Gain in points, its paired-bootstrap 95% interval, and the McNemar test, as one dict.
+
+    Shape:
+        - correct, base: ``(N,)`` bool or 0/1, ``N >= 1``.
+        - output: ``{"gain", "lo", "hi", "wins", "losses", "p"}``
+          (:func:`paired_bootstrap`, :func:`mcnemar`).
+
+    Example:
+        >>> sorted(compare(torch.tensor([1, 1, 0]), torch.tensor([1, 0, 0]), resamples=10))
+        ['gain', 'hi', 'lo', 'losses', 'p', 'wins']
+    """
     gain, lo, hi = paired_bootstrap(correct, base, resamples=resamples, seed=seed)
     return {"gain": gain, "lo": lo, "hi": hi, **mcnemar(correct, base)}
 
 
 def nll(logits: torch.Tensor, y: torch.Tensor, temperature: float = 1.0) -> float:
-    """Mean negative log-likelihood of ``y`` under ``softmax(logits / temperature)``."""
+    """Mean negative log-likelihood of ``y`` under ``softmax(logits / temperature)``.
+
+    Shape:
+        - logits: ``(N, K)``.
+        - y: ``(N,)`` int64 labels.
+        - output: a Python float (computed in float64).
+
+    Example:
+        >>> math.isclose(nll(torch.zeros(3, 4), torch.tensor([0, 1, 2])), math.log(4))
+        True
+    """
     logp = torch.log_softmax(logits.double() / temperature, -1)
     return float(-logp.gather(1, y[:, None]).mean())
 
@@ -93,7 +130,17 @@ def calibration(logits: torch.Tensor, y: torch.Tensor, val_logits: torch.Tensor 
 
     Returns ``{"nll", "ece"}`` and, when ``val_logits`` / ``val_y`` are given,
     ``{"temperature", "nll_ts", "ece_ts"}``: the temperature is fitted on the validation
-    logits of the same predictor and applied to ``logits``.
+    logits of the same predictor and applied to ``logits``. ECE is a fraction in ``[0, 1]``
+    (:func:`~undiscard.evaluation.classify.calibration_error` with ``bins`` bins).
+
+    Shape:
+        - logits: ``(N, K)``; y: ``(N,)`` int64 labels.
+        - val_logits: ``(N_val, K)``; val_y: ``(N_val,)``.
+        - output: a dict of Python floats.
+
+    Example:
+        >>> sorted(calibration(torch.zeros(2, 3), torch.tensor([0, 1]), torch.zeros(2, 3), torch.tensor([0, 1])))
+        ['ece', 'ece_ts', 'nll', 'nll_ts', 'temperature']
     """
     from undiscard.evaluation.classify import calibration_error
     from undiscard.tta.merge import fit_temperature

@@ -9,7 +9,7 @@ for every zoo model by ``scripts/study.sh``) computes, for one model:
   (criterion, width, neighbour prior, policy) and aggregation; variants fitted on data
   (prior, policy) are cross-fitted (fitted on one half of validation, measured on the
   other, both ways) so that no number is in-sample;
-* **the fitted configuration** (:func:`undiscard.fit.fit`, cost cap 4), written next to
+* **the fitted configuration** (:func:`undiscard.evaluation.fit.fit`, cost cap 4), written next to
   the checkpoint as ``NAME.config.json``, and applied with the real wrapper to the test
   split: gain with paired-bootstrap interval and McNemar test, NLL / ECE raw and after
   temperature scaling (temperatures fitted on validation), measured time ratio;
@@ -102,7 +102,13 @@ VARIANTS = {
 
 
 def variant_indices(table: StateTable, fit_on: StateTable, y_fit: torch.Tensor, budget: int) -> dict[str, torch.Tensor]:
-    """Per variant, the ``(N, budget)`` table indices it evaluates (the prior / policy fitted on ``fit_on``)."""
+    """Per variant, the ``(N, budget)`` table indices it evaluates (the prior / policy fitted on ``fit_on``).
+
+    Shape:
+        - table: ``logits`` ``(N, S, K)``; fit_on: ``logits`` ``(N_fit, S, K)``.
+        - y_fit: ``(N_fit,)`` int64 labels of ``fit_on``'s images.
+        - output: ``{variant: (N, budget)}`` int64 table indices (the policy's: ``(N, min(budget, S))``).
+    """
     prior = site_prior(fit_on, y_fit)
     out = {name: table_search(table, budget, crit, width=width, prior=prior if p else None)
            for name, (crit, width, p) in VARIANTS.items()}
@@ -112,7 +118,12 @@ def variant_indices(table: StateTable, fit_on: StateTable, y_fit: torch.Tensor, 
 
 
 def search_on_validation(tv: StateTable, yv: torch.Tensor, seed: int = 0) -> dict:
-    """Top-1 of every variant x aggregation at budgets 1..S on validation, cross-fitted."""
+    """Top-1 of every variant x aggregation at budgets 1..S on validation, cross-fitted.
+
+    Shape:
+        - tv: ``logits`` ``(N, S, K)``; yv: ``(N,)`` int64 labels.
+        - output: ``{"images", "budgets", "top1": {"variant | aggregation": S top-1s in points}}``.
+    """
     n, space = tv.logits.shape[0], tv.states.shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     halves = [perm[: n // 2], perm[n // 2 :]]
@@ -133,6 +144,16 @@ def search_on_validation(tv: StateTable, yv: torch.Tensor, seed: int = 0) -> dic
 
 
 def search_on_test(tt: StateTable, yt: torch.Tensor, idx: dict[str, torch.Tensor]) -> dict:
+    """Every variant x aggregation on test: top-1 at budgets 1..S, and against the plain model at
+    :data:`BUDGETS_TEST`.
+
+    Returns ``{"rows": {"variant | aggregation": {budget: compare(...)}}, "curve": {"variant |
+    aggregation": S top-1s in points}}`` (:func:`undiscard.evaluation.stats.compare`).
+
+    Shape:
+        - tt: ``logits`` ``(N, S, K)``; yt: ``(N,)`` int64 labels.
+        - idx: ``{variant: (N, S)}`` table indices (:func:`variant_indices` at budget ``S``).
+    """
     space = tt.states.shape[0]
     plain = tt.logits[:, 0].argmax(1) == yt
     rows = {}

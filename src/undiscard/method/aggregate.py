@@ -21,7 +21,19 @@ __all__ = ["entropy", "entropy_weights", "weighted_mean"]
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Predictive entropy in nats over the last axis: ``(..., K) -> (...)`` (NaN-safe)."""
+    """Predictive entropy in nats over the last axis: ``(..., K) -> (...)`` (NaN-safe).
+
+    ``0 * log 0`` counts as 0, so a class of probability 0 (a ``-inf`` logit) adds nothing.
+
+    Shape:
+        - logits: ``(..., K)``, any leading shape.
+        - output: ``(...)``, the dtype of ``logits`` (computed in float64).
+
+    Example:
+        >>> h = entropy(torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, -float("inf"), -float("inf"), -float("inf")]]))
+        >>> h.shape, torch.allclose(h, torch.tensor([math.log(4), 0.0]))
+        (torch.Size([2]), True)
+    """
     logp = torch.log_softmax(logits.double(), dim=-1)
     p = logp.exp()
     h = -(torch.where(p > 0, p * logp, torch.zeros_like(p))).sum(-1)
@@ -36,8 +48,10 @@ def entropy_weights(logits: torch.Tensor, mask: torch.Tensor | None = None) -> t
         mask: optional ``(N, B)`` bool, False for padding states (weight 0).
 
     Shape:
-        ``(N, B, K)`` -> ``(N, B)``; every row sums to 1 (see the module docstring for
-        non-finite and masked states).
+        - logits: ``(N, B, K)``.
+        - mask: ``(N, B)`` bool, or ``None``.
+        - output: ``(N, B)``, every row summing to 1 (see the module docstring for
+          non-finite and masked states).
 
     Example:
         >>> w = entropy_weights(torch.tensor([[[4.0, 0.0], [0.0, 0.0], [float("nan"), 0.0]]]))
@@ -64,7 +78,22 @@ def entropy_weights(logits: torch.Tensor, mask: torch.Tensor | None = None) -> t
 
 
 def weighted_mean(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """``(N, B, *F) -> (N, *F)``: the mean over states, or the ``(N, B)``-weighted sum."""
+    """``(N, B, *F) -> (N, *F)``: the mean over states, or the ``(N, B)``-weighted sum.
+
+    A state of weight 0 adds exactly nothing, even where its values are not finite.
+
+    Shape:
+        - x: ``(N, B, *F)``, any trailing shape ``F``.
+        - weights: ``(N, B)`` (e.g. from :func:`entropy_weights`), or ``None`` for the mean.
+        - output: ``(N, *F)``.
+
+    Example:
+        >>> x = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])  # N = 1, B = 2, F = (2,)
+        >>> weighted_mean(x).tolist(), weighted_mean(x, torch.tensor([[0.25, 0.75]])).tolist()
+        ([[2.0, 3.0]], [[2.5, 3.5]])
+        >>> weighted_mean(torch.tensor([[[1.0], [float("nan")]]]), torch.tensor([[1.0, 0.0]])).tolist()
+        [[1.0]]
+    """
     if weights is None:
         return x.mean(1)
     w = weights.reshape(*weights.shape, *([1] * (x.dim() - 2))).to(x.dtype)

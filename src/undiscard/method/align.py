@@ -75,7 +75,9 @@ def shift_cells(f: torch.Tensor, shift: torch.Tensor, fill: str = "zeros") -> to
         ``(N, C, *spatial)``.
 
     Shape:
-        ``f``: ``(N, C, *spatial)``, ``shift``: ``(N, D)`` -> ``(N, C, *spatial)``.
+        - f: ``(N, C, *spatial)``, any number ``D`` of spatial axes.
+        - shift: ``(N, D)``, float cells per spatial axis.
+        - output: ``(N, C, *spatial)``, the dtype of ``f``.
 
     Raises:
         OptionError: an unknown ``fill``. InputError: ``shift`` not ``(N, D)``.
@@ -113,6 +115,19 @@ def align_to_default(f: torch.Tensor, delta_px: torch.Tensor, stride_total: tupl
         f: ``(N, C, *spatial)`` final maps of states with displacements ``delta_px``.
         delta_px: ``(N, D)`` integer displacement in input pixels (:meth:`SiteMap.displacement`).
         stride_total: the map's cell size in pixels per axis (:attr:`SiteMap.stride_total`).
+        fill: ``"zeros"``, ``"border"`` or ``"circular"`` (see :func:`shift_cells`).
+
+    Shape:
+        - f: ``(N, C, *spatial)`` with ``D = len(stride_total)`` spatial axes.
+        - delta_px: ``(N, D)``.
+        - output: ``(N, C, *spatial)``.
+
+    Example:
+        A displacement of 4 pixels is one cell of a stride-4 map:
+
+        >>> f = torch.arange(4.0).reshape(1, 1, 1, 4)
+        >>> align_to_default(f, torch.tensor([[0, 4]]), (4, 4)).tolist()
+        [[[[0.0, 0.0, 1.0, 2.0]]]]
     """
     cells = delta_px.to(torch.float64) / torch.tensor(stride_total, dtype=torch.float64)
     return shift_cells(f, cells, fill)

@@ -367,6 +367,14 @@ def train_aggregator(
     An ``out`` that already holds an aggregator trained with the same settings, backbone
     and data is not retrained (its training losses are returned); another one is refused
     unless ``fresh``, which also deletes the feature cache.
+
+    Returns ``{"loss": mean training loss per epoch, "out": the checkpoint's path}``.
+
+    Shape:
+        - images: ``(N, C, H, W)``, the wrapped model's input (already normalised).
+        - labels: ``(N,)`` integer class indices.
+        - The feature cache holds float16 ``(N, k, S, C_f)`` maps, ``k = min(states_per_image,
+          space_size)`` states per image, ``S`` positions of the final map, ``C_f`` its channels.
     """
     from undiscard.errors import FileTrustError
 

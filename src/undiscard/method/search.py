@@ -141,6 +141,29 @@ def greedy_search(
     Raises:
         StateError: a budget outside ``1..space_size``, or a missing ``score``.
         OptionError: an unknown criterion.
+
+    Shape:
+        - evaluate: image indices ``(M,)`` and states ``(M, L)`` -> outputs ``(M, *F)``.
+        - score: outputs ``(M, *F)`` and states ``(M, L)`` -> ``(M,)``.
+        - prior: ``(L, R)``, ``R`` at least the largest searchable site's offset count.
+        - output: a :class:`SearchResult` with ``states`` ``(N, B, L)``, ``outputs``
+          ``(N, B, *F)`` and ``scores`` ``(N, B)``, ``N = n_images``, ``B = budget``,
+          ``L = len(sites.searchable)``.
+
+    Example:
+        Two searched sites of 4 offsets each (16 states), nearest displacement first:
+
+        >>> import torch.nn as nn
+        >>> from undiscard import find_sites
+        >>> model = nn.Sequential(*[nn.Conv2d(1, 1, 3, stride=2, padding=1) for _ in range(4)])
+        >>> sites = find_sites(model, torch.zeros(1, 1, 32, 32))
+        >>> res = greedy_search(lambda img, st: st.float(), 3, sites, budget=5, criterion="displacement")
+        >>> res.states.shape, res.outputs.shape, res.scores.shape
+        (torch.Size([3, 5, 2]), torch.Size([3, 5, 2]), torch.Size([3, 5]))
+        >>> res.states[0].tolist()  # the default state first
+        [[0, 0], [1, 0], [2, 0], [3, 0], [0, 1]]
+        >>> sites.displacement(res.states[0]).tolist()  # in input pixels
+        [[0, 0], [0, 2], [2, 0], [2, 2], [0, 4]]
     """
     check_choice("criterion", criterion, CRITERIA)
     if criterion in ("entropy", "learned") and score is None:

@@ -46,7 +46,7 @@ reading); on the shipped SegFormer that loses several mIoU points (docs/segmenta
 
     >>> seg = wrap_segmentation(model, budget=4, aggregate="entropy")  # doctest: +SKIP
     >>> scores = seg(x)                                                 # doctest: +SKIP
-    >>> labels = scores.argmax(1)                                       # (N, H, W)
+    >>> labels = scores.argmax(1)                                       # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -128,6 +128,11 @@ def dense_forward(model: nn.Module, output: Callable[[Any], torch.Tensor] | None
     :func:`wrap_segmentation`). ``same_batch=False`` for the shared-prefix engine, whose
     batch grows (and starts empty when every request resumes from cached activations)
     inside the forward: it checks the output's rows itself.
+
+    Shape:
+        - x: ``(N, C, H, W)``.
+        - output: ``(N, K, h, w)`` logits at the model's own resolution (with
+          ``same_batch=False`` their row count is not checked against ``N``).
     """
     pick = _auto_output if output is None else output
     kw = _takes_pixel_values(model)
@@ -145,7 +150,20 @@ def dense_forward(model: nn.Module, output: Callable[[Any], torch.Tensor] | None
 
 
 def upsample_logits(y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``(N, K, h, w) -> (N, K, H, W)``: bilinear, ``align_corners=False``; untouched at equal size."""
+    """``(N, K, h, w) -> (N, K, H, W)``: bilinear, ``align_corners=False``; untouched at equal size.
+
+    Shape:
+        - y: ``(N, K, h, w)``.
+        - size: ``(H, W)``.
+        - output: ``(N, K, H, W)``; ``y`` itself when ``(h, w) == (H, W)``.
+
+    Example:
+        >>> upsample_logits(torch.zeros(2, 3, 4, 4), (8, 8)).shape
+        torch.Size([2, 3, 8, 8])
+        >>> y = torch.zeros(1, 3, 8, 8)
+        >>> upsample_logits(y, (8, 8)) is y
+        True
+    """
     if tuple(y.shape[-2:]) == tuple(size):
         return y
     return F.interpolate(y, size=tuple(size), mode="bilinear", align_corners=False)
@@ -163,6 +181,14 @@ def dense_logits(model: nn.Module, x: torch.Tensor, output: Callable[[Any], torc
 
     Upsampled with :func:`upsample_logits` when the model returns them smaller
     (SegFormer: 1/4); exactly the model's own output when it is already input-sized.
+
+    Shape:
+        - x: ``(N, C, H, W)``, floating point.
+        - output: ``(N, K, H, W)``.
+
+    Example:
+        >>> dense_logits(nn.Conv2d(1, 3, 3, stride=2, padding=1), torch.zeros(2, 1, 8, 8)).shape
+        torch.Size([2, 3, 8, 8])
     """
     _check_input(x)
     return upsample_logits(dense_forward(model, output)(x), x.shape[-2:])
@@ -181,6 +207,22 @@ def align_dense(y: torch.Tensor, delta_px: torch.Tensor, fill: str = "mask") -> 
 
     Returns:
         ``(shifted (M, K, H, W), valid (M, 1, H, W) bool or None when every pixel is valid)``.
+
+    Shape:
+        - y: ``(M, K, H, W)`` (any axes between ``M`` and the last two).
+        - delta_px: ``(M, 2)``.
+        - output: ``(M, K, H, W)`` and ``(M, 1, H, W)`` bool (or ``None``: no displacement,
+          or ``fill="circular"``).
+
+    Example:
+        >>> y = torch.arange(1.0, 5.0).reshape(1, 1, 1, 4)
+        >>> out, valid = align_dense(y, torch.tensor([[0, 1]]))
+        >>> out.tolist(), valid.tolist()
+        ([[[[0.0, 1.0, 2.0, 3.0]]]], [[[[False, True, True, True]]]])
+        >>> align_dense(y, torch.tensor([[0, 1]]), "circular")[0].tolist()
+        [[[[4.0, 1.0, 2.0, 3.0]]]]
+        >>> align_dense(y, torch.zeros(1, 2, dtype=torch.long))[1] is None
+        True
     """
     if fill not in SEG_FILLS:
         check_choice("fill", fill, SEG_FILLS)
@@ -350,6 +392,22 @@ def aggregate_dense(logp: torch.Tensor, valid: torch.Tensor, aggregate: str = "m
             (``w = 1 - H/log K`` per pixel, normalised over the valid states; NaN-safe).
 
     Every pixel needs at least one valid state (the default state always is).
+
+    Shape:
+        - logp: ``(N, B, K, H, W)``.
+        - valid: ``(N, B, 1, H, W)`` bool.
+        - output: ``(N, K, H, W)`` log-probabilities.
+
+    Example:
+        One pixel, two states: a sure one and a uniform one.
+
+        >>> logp = torch.tensor([[[[[1.0]], [[0.0]]], [[[0.5]], [[0.5]]]]]).log()  # (1, 2, 2, 1, 1)
+        >>> valid = torch.ones(1, 2, 1, 1, 1, dtype=torch.bool)
+        >>> p = aggregate_dense(logp, valid).exp()
+        >>> p.shape, torch.allclose(p.flatten(), torch.tensor([0.75, 0.25]))
+        (torch.Size([1, 2, 1, 1]), True)
+        >>> torch.allclose(aggregate_dense(logp, valid, "entropy").exp().flatten(), torch.tensor([1.0, 0.0]))
+        True
     """
     if aggregate not in SEG_AGGREGATES:
         check_choice("aggregate", aggregate, SEG_AGGREGATES)
@@ -626,8 +684,9 @@ class SegDetails:
 
     ``states`` ``(N, B, L)`` the evaluated states (default first), ``delta`` ``(N, B, 2)``
     their displacement in pixels, ``entropy`` ``(N, B)`` their mean pixel entropy,
-    ``sites`` the :class:`SiteMap` searched, ``engine``: ``"trie"``, ``"rerun"`` or
-    ``"rerun (fallback)"`` when the model crosses sites.
+    ``sites`` the :class:`SiteMap` searched, ``engine``: ``"trie"``, ``"rerun"``,
+    ``"rerun (fallback)"`` when the model crosses sites, or ``"plain"`` when no search ran
+    (``budget=1`` or an empty batch; ``entropy`` is then NaN).
     """
 
     states: torch.Tensor
@@ -918,6 +977,24 @@ def wrap_segmentation(
     Returns:
         A :class:`SegmentationUndiscard`; ``seg(x)`` is ``(N, K, H, W)`` at the input size:
         the plain logits at ``budget=1``, aggregated log-probabilities above.
+
+    Shape:
+        - input of ``seg``: ``(N, C, H, W)``, floating point.
+        - the model's logits: ``(N, K, h, w)``, any ``h, w`` (upsampled to ``(H, W)``).
+        - output of ``seg``: ``(N, K, H, W)``; with ``return_details``, :class:`SegDetails`
+          holds ``states`` ``(N, B, L)``, ``delta`` ``(N, B, 2)``, ``entropy`` ``(N, B)``.
+
+    Example:
+        >>> model = nn.Sequential(*[nn.Conv2d(1 if i == 0 else 4, 4, 3, stride=2, padding=1) for i in range(3)],
+        ...                       nn.Conv2d(4, 3, 1)).eval()
+        >>> x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+        >>> wrap_segmentation(model, budget=3)(x).shape
+        torch.Size([2, 3, 16, 16])
+        >>> torch.equal(wrap_segmentation(model, budget=1)(x), dense_logits(model, x))
+        True
+        >>> scores, details = wrap_segmentation(model, budget=3, return_details=True)(x)
+        >>> details.states.shape, details.delta.shape, details.entropy.shape
+        (torch.Size([2, 3, 1]), torch.Size([2, 3, 2]), torch.Size([2, 3]))
     """
     return SegmentationUndiscard(model, budget, criterion, aggregate, searchable=searchable, max_batch=max_batch,
                                  engine=engine, seed=seed, width=width, output=output, fill=fill,

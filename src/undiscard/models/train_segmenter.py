@@ -80,7 +80,20 @@ def _lr_at(step: int, recipe: SegRecipe) -> float:
 @torch.no_grad()
 def evaluate_segmenter(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
                        ignore_index: int = 255, batch_size: int = 64) -> dict:
-    """mIoU and pixel accuracy of the plain model on ``x`` ``(N, C, H, W)``, ``y`` ``(N, H, W)``."""
+    """mIoU and pixel accuracy of the plain model on ``x`` ``(N, C, H, W)``, ``y`` ``(N, H, W)``.
+
+    Returns ``{"miou", "pixel_accuracy"}`` in percent (:class:`~undiscard.data.segmentation.SegMetrics`),
+    the model run ``batch_size`` images at a time and put in eval mode.
+
+    Shape:
+        - x: ``(N, C, H, W)``; the model's logits ``(N, K, h, w)`` (upsampled to ``(H, W)``).
+        - y: ``(N, H, W)`` integer class ids in ``0..num_classes-1`` or ``ignore_index``.
+
+    Example:
+        >>> r = evaluate_segmenter(nn.Conv2d(1, 3, 1), torch.zeros(2, 1, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long), 3)
+        >>> sorted(r)
+        ['miou', 'pixel_accuracy']
+    """
     from undiscard.data.segmentation import SegMetrics
     from undiscard.method.segment import dense_logits
 

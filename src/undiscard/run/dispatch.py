@@ -91,7 +91,16 @@ def apply_grouped(x: torch.Tensor, groups: Groups, fn: Callable[[torch.Tensor, t
 
 
 def tensors_in(obj: Any, out: list | None = None) -> list[torch.Tensor]:
-    """The tensors inside ``obj`` (nested lists, tuples and dict values), depth first, appended to ``out``."""
+    """The tensors inside ``obj`` (nested lists, tuples and dict values), depth first, appended to ``out``.
+
+    Shape:
+        - obj: a tensor of any shape, or any nesting of lists, tuples and dicts holding some.
+        - output: the same tensor objects (not copies), whatever their shapes.
+
+    Example:
+        >>> [tuple(t.shape) for t in tensors_in([torch.zeros(1), {"a": (torch.ones(2, 3), 3)}])]
+        [(1,), (2, 3)]
+    """
     out = [] if out is None else out
     if isinstance(obj, torch.Tensor):
         out.append(obj)

@@ -160,7 +160,27 @@ def run_states(model: nn.Module, x: Any, states: Any, sites: SiteMap, *, allow_t
         StateError: states of the wrong shape, not integers, or out of range.
 
     Shape:
-        ``x``: ``(N, C, *spatial)``, ``states``: ``(L,)`` or ``(N, L)`` -> ``model(x)``.
+        - x: ``(N, C, *spatial)``, as many spatial axes as the sites have (or whatever the
+          model takes, the batch on axis 0).
+        - states: ``(L,)`` (one state for the batch) or ``(N, L)`` (one per image),
+          ``L = len(sites.searchable)``.
+        - output: what ``model(x)`` returns, of its shapes.
+
+    Example:
+        >>> from undiscard import find_sites
+        >>> model = nn.Sequential(*[nn.Conv2d(1, 2, 3, stride=2, padding=1)] +
+        ...                       [nn.Conv2d(2, 2, 3, stride=2, padding=1) for _ in range(2)]).eval()
+        >>> x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+        >>> sites = find_sites(model, x[:1])
+        >>> sites.searchable, sites.searchable_sites[0].num_offsets  # one searched site, 4 offsets
+        ((1,), 4)
+        >>> torch.equal(run_states(model, x, [0], sites), model(x))  # the default state: the model itself
+        True
+        >>> y = run_states(model, x, torch.tensor([[0], [3]]), sites)  # image 1 at offset 3 = (1, 1)
+        >>> y.shape
+        torch.Size([2, 2, 2, 2])
+        >>> torch.allclose(y[1:], run_states(model, x[1:], [3], sites), atol=1e-6)
+        True
     """
     if not allow_train:
         check_eval_mode(model, what="run_states", opt_in="allow_train=True")

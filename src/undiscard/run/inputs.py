@@ -23,6 +23,10 @@ def check_batch(x: object, spatial_dims: int | None = None, *, what: str = "inpu
         spatial_dims: the number of spatial axes the model's sites have (``None``: any,
             at least one).
 
+    Shape:
+        - x: ``(N, C, *spatial)`` with ``spatial_dims`` spatial axes (``None``: at least one).
+        - output: ``x`` itself.
+
     Example:
         >>> check_batch(torch.zeros(2, 3, 8, 8), 2).shape
         torch.Size([2, 3, 8, 8])
@@ -64,6 +68,16 @@ def check_dtype(model: nn.Module, x: torch.Tensor) -> None:
     Integer and bool images are refused (they need converting and normalising); a float
     dtype other than the parameters' is refused unless autocast is on for ``x``'s device
     (where the model's own forward casts).
+
+    Shape:
+        - x: any shape (only its dtype and device are read).
+
+    Example:
+        >>> check_dtype(nn.Conv2d(1, 1, 1), torch.zeros(1, 1, 2, 2))  # accepted: returns None
+        >>> check_dtype(nn.Conv2d(1, 1, 1), torch.zeros(1, 1, 2, 2, dtype=torch.uint8))
+        Traceback (most recent call last):
+        ...
+        undiscard.errors.InputError: the input has dtype torch.uint8, but the model computes in torch.float32: ...
     """
     want = model_dtype(model)
     if not (x.is_floating_point() or x.is_complex()):

@@ -66,6 +66,19 @@ def build_trie(states: torch.Tensor, images: torch.Tensor | None = None) -> _Tri
     ``states`` ``(N, B, L)``, or ``(M, L)`` requests with ``images`` ``(M,)`` naming the
     image (row of the input batch) of each; the level before the first site has one row
     per input image.
+
+    Shape:
+        - states: ``(N, B, L)`` (then ``M = N * B``, request ``n * B + b`` of image ``n``), or
+          ``(M, L)`` with ``images``.
+        - images: ``(M,)`` integer rows of the input batch, or ``None``.
+        - output: per searchable site ``j``, ``parents[j]`` and ``offsets[j]`` ``(R_j,)`` and
+          ``keys[j]`` ``(R_j, j + 2)`` (image, offsets) for its ``R_j`` distinct prefixes;
+          ``inverse`` ``(M,)``, the last level's row of each request.
+
+    Example:
+        >>> t = build_trie(torch.tensor([[[0, 0], [0, 1], [1, 0]]]))  # one image, three states
+        >>> [len(p) for p in t.parents], t.parents[1].tolist(), t.inverse.tolist()
+        ([2, 3], [0, 0, 1], [0, 1, 2])
     """
     if images is None:
         n, b, L = states.shape
@@ -240,6 +253,27 @@ def run_trie(
             distinct full states number at most ``max_batch`` (an image with more states
             than that goes alone). Results do not depend on it.
         forward: what to run instead of ``model`` (e.g. ``model.forward_features``).
+
+    Shape:
+        - x: ``(N, C, *spatial)`` (what ``forward`` takes, the batch on axis 0).
+        - states: ``(N, B, L)`` flat offset indices, ``L = len(sites.searchable)``.
+        - outputs: ``(N, B, *out)``, ``out`` the trailing shape of ``forward(x)`` (one tensor);
+          ``rows``: ``L`` counts.
+
+    Example:
+        >>> from undiscard import find_sites, run_states
+        >>> model = nn.Sequential(*[nn.Conv2d(1, 2, 3, stride=2, padding=1)] +
+        ...                       [nn.Conv2d(2, 2, 3, stride=2, padding=1) for _ in range(2)]).eval()
+        >>> x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+        >>> sites = find_sites(model, x[:1])
+        >>> sites.searchable, sites.searchable_sites[0].num_offsets  # one searched site, 4 offsets
+        ((1,), 4)
+        >>> states = torch.tensor([[[0], [1], [3]], [[2], [0], [1]]])  # (N, B, L) = (2, 3, 1)
+        >>> res = run_trie(model, x, states, sites)
+        >>> res.outputs.shape, res.shared, res.rows
+        (torch.Size([2, 3, 2, 2, 2]), True, [6])
+        >>> torch.allclose(res.outputs[1, 0], run_states(model, x[1:], [2], sites)[0], atol=1e-6)
+        True
     """
     if not isinstance(states, torch.Tensor) or states.dim() != 3 or states.shape[0] != x.shape[0]:
         raise StateError(f"states must be an (N, B, L) tensor with N = {x.shape[0]}; got {getattr(states, 'shape', states)}")
@@ -259,7 +293,14 @@ def run_requests(
     max_batch: int | None = None,
     forward: Callable | None = None,
 ) -> TrieResult:
-    """Outputs ``(M, ...)`` of image ``images[m]`` under state ``states[m]`` (any number per image)."""
+    """Outputs ``(M, ...)`` of image ``images[m]`` under state ``states[m]`` (any number per image).
+
+    Shape:
+        - x: ``(N, C, *spatial)`` (what ``forward`` takes, the batch on axis 0).
+        - images: ``(M,)`` integer rows of ``x``.
+        - states: ``(M, L)`` flat offset indices (or what :meth:`SiteMap.encode` takes).
+        - outputs: ``(M, *out)``, ``out`` the trailing shape of ``forward(x)``.
+    """
     states = sites.encode(states)
     if states.dim() != 2 or images.shape != (states.shape[0],):
         raise StateError(f"need states (M, L) and images (M,); got {tuple(states.shape)} and {tuple(images.shape)}")

@@ -277,8 +277,28 @@ def find_sites(
         InputError: the input is unbatched, of the wrong rank, or too small for the network.
         NoSubsamplingSiteError: the model subsamples nowhere.
 
+    Shape:
+        - example_input: ``(N, C, *spatial)`` (at least one spatial axis; ``N = 1`` is enough),
+          or a tuple of positional arguments whose first is such a tensor.
+        - The :class:`SiteMap` describes the model at this input size (``input_shape``, each
+          site's ``in_grid`` / ``out_grid``); its states are ``(L,)`` or ``(N, L)`` with
+          ``L = len(searchable)``.
+
     Example:
-        >>> import torchvision
+        A strided conv, a max-pool and a strided conv: three sites, of which the inner one
+        is searched by default.
+
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        ...                       nn.Conv2d(4, 8, 3, stride=2, padding=1))
+        >>> sites = find_sites(model, torch.zeros(1, 1, 16, 16))
+        >>> len(sites), [s.kind for s in sites], [s.name for s in sites], sites.searchable
+        (3, ['conv', 'max_pool', 'conv'], ['0', '2', '3'], (1,))
+        >>> sites[1].in_grid, sites[1].out_grid, sites[1].cum_stride
+        ((8, 8), (4, 4), (2, 2))
+        >>> sites.space_size, sites.stride_total
+        (4, (8, 8))
+
+        >>> import torchvision                                                            # doctest: +SKIP
         >>> sites = find_sites(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))  # doctest: +SKIP
         >>> len(sites), sites[1].stride                                                   # doctest: +SKIP
         (5, (2, 2))

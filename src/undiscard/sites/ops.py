@@ -126,10 +126,27 @@ def conv_at_offset(
     Returns:
         ``(N, C_out, *out_spatial)``, the shape of the default output.
 
+    Shape:
+        - x: ``(N, C_in, *spatial)``, 1 to 3 spatial axes (the batch axis is required).
+        - weight: ``(C_out, C_in / groups, *kernel)``; bias: ``(C_out,)`` or ``None``.
+        - output: ``(N, C_out, *out_spatial)`` with
+          ``out_spatial[a] = (spatial[a] + 2 padding[a] - dilation[a] (kernel[a] - 1) - 1) // stride[a] + 1``,
+          the default op's size whatever the offset.
+
     Example:
         >>> x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
         >>> conv_at_offset(x, w, None, (2, 2), (1, 1), (1, 1), 1, (1, 0)).shape
         torch.Size([1, 4, 4, 4])
+
+        Offset ``s`` samples the stride-1 output at ``i * R + s`` (a 1x1 kernel picks pixels):
+
+        >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
+        >>> conv_at_offset(x, torch.ones(1, 1, 1, 1), None, (2, 2), (0, 0), (1, 1), 1, (1, 0)).tolist()
+        [[[[4.0, 6.0], [12.0, 14.0]]]]
+        >>> x, w = torch.arange(64.0).reshape(1, 1, 8, 8), torch.ones(1, 1, 3, 3)
+        >>> y = conv_at_offset(x, w, None, (2, 2), (1, 1), (1, 1), 1, (1, 1))
+        >>> torch.allclose(y, F.conv2d(x, w, padding=1)[..., 1::2, 1::2])
+        True
     """
     nd = x.dim() - 2
     conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
@@ -160,6 +177,18 @@ def max_pool_at_offset(
 
     Returns:
         ``(N, C, *out_spatial)``, the shape of the default output.
+
+    Shape:
+        - x: ``(N, C, *spatial)``, 1 to 3 spatial axes.
+        - output: ``(N, C, *out_spatial)``, the size of the default op (``ceil_mode`` included).
+
+    Example:
+        The windows at offset ``(1, 1)`` start one row and one column in; the last ones
+        reach into the ``-inf`` fill:
+
+        >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
+        >>> max_pool_at_offset(x, (2, 2), (2, 2), (0, 0), (1, 1), False, (1, 1)).tolist()
+        [[[[10.0, 11.0], [14.0, 15.0]]]]
     """
     nd = x.dim() - 2
     pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[nd - 1]
@@ -194,6 +223,17 @@ def avg_pool_at_offset(
 
     Returns:
         ``(N, C, *out_spatial)``, the shape of the default output.
+
+    Shape:
+        - x: ``(N, C, *spatial)``, 1 to 3 spatial axes.
+        - output: ``(N, C, *out_spatial)``, the size of the default op (``ceil_mode`` included).
+
+    Example:
+        The fill an offset adds is left out of the divisor (``[7, 11] -> 9``, ``[15] -> 15``):
+
+        >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
+        >>> avg_pool_at_offset(x, (2, 2), (2, 2), (0, 0), False, True, None, (1, 1)).tolist()
+        [[[[7.5, 9.0], [13.5, 15.0]]]]
     """
     nd = x.dim() - 2
     if not any(offset):
@@ -250,6 +290,18 @@ def shift_at_offset(x: torch.Tensor, dims: Sequence[int], offset: Offset) -> tor
     Args:
         x: any tensor; ``dims`` are its spatial axes (e.g. ``(1, 2)`` for NHWC).
         offset: one int per entry of ``dims``.
+
+    Shape:
+        - x: any shape, any rank; ``dims`` index its spatial axes.
+        - output: the shape of ``x`` (and its dtype); ``x`` itself when ``offset`` is all zeros.
+
+    Example:
+        >>> shift_at_offset(torch.arange(6).reshape(1, 6), (1,), (2,)).tolist()
+        [[2, 3, 4, 5, 0, 0]]
+        >>> x = torch.ones(1, 4, 4, 3)  # NHWC
+        >>> y = shift_at_offset(x, (1, 2), (1, 0))
+        >>> y.shape, y[0, :, 0, 0].tolist()
+        (torch.Size([1, 4, 4, 3]), [1.0, 1.0, 1.0, 0.0])
     """
     if not any(offset):
         return x
@@ -269,5 +321,17 @@ def pixel_unshuffle_at_offset(x: torch.Tensor, factor: int, offset: Offset) -> t
 
     Args:
         x: ``(*, C, H, W)``; ``offset``: ``(sh, sw)`` with ``0 <= s < factor``.
+
+    Shape:
+        - x: ``(*, C, H, W)``, ``H`` and ``W`` divisible by ``factor``.
+        - output: ``(*, C * factor**2, H / factor, W / factor)``.
+
+    Example:
+        Channel 0 holds the top-left pixel of each 2x2 block of the grid moved by ``(1, 1)``:
+
+        >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
+        >>> y = pixel_unshuffle_at_offset(x, 2, (1, 1))
+        >>> y.shape, y[0, 0].tolist()
+        (torch.Size([1, 4, 2, 2]), [[5.0, 7.0], [13.0, 15.0]])
     """
     return F.pixel_unshuffle(shift_at_offset(x, (-2, -1), offset), factor)

@@ -100,6 +100,17 @@ def view_logits(u: Undiscard, transform: Any, x: Any, budgets: Sequence[int], ba
     One search per batch at the largest budget; a smaller budget's result is read off the
     same search (its states are the first ones), as ``undiscard eval`` does. Budget 1 is
     the plain model's output on the view.
+
+    Args:
+        u: the feature-space wrapper (:class:`~undiscard.method.classify.Undiscard`).
+        transform: the view (an :class:`~undiscard.tta.transforms.ImageTransform`).
+        budgets: feature budgets (sorted and deduplicated here).
+        batch_size: images per search.
+        progress: called with the number of images of each finished batch.
+
+    Shape:
+        - x: ``(N, C, H, W)`` (a tensor or anything sliceable into such batches).
+        - output: ``{budget: (N, K)}`` logits.
     """
     budgets = sorted(set(budgets))
     out: dict[int, list[torch.Tensor]] = {b: [] for b in budgets}

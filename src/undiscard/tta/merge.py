@@ -314,6 +314,18 @@ def fit_temperature(logits: torch.Tensor, y: torch.Tensor, *, lo: float = 0.01, 
 
     ``logits (N, K)``, ``y (N,)``. Golden-section search on ``log T`` in float64
     (deterministic; the NLL is convex in ``1/T``, hence unimodal in ``log T``).
+
+    Shape:
+        - logits: ``(N, K)``.
+        - y: ``(N,)`` integer labels.
+        - output: a Python float.
+
+    Example:
+        >>> y = torch.tensor([0, 1, 1, 0])
+        >>> over = 10 * torch.nn.functional.one_hot(y, 2).float()  # right, and over-confident at T = 1
+        >>> over[0] = over[0].flip(0)  # one confident mistake
+        >>> fit_temperature(over, y) > 1
+        True
     """
     z = logits.detach().double()
 
@@ -356,6 +368,19 @@ def fit_gps(
 
     Returns:
         an :class:`ImageAggregator` with ``.temperature`` and ``.picks`` (length ``budget``).
+
+    Shape:
+        - logits: ``(N, A, K)``.
+        - y: ``(N,)`` integer labels in ``0..K-1``.
+        - output: an aggregator mapping ``(N', A, K)`` logits to ``(N', K)`` log-probabilities.
+
+    Example:
+        >>> y = torch.tensor([0, 1, 1, 0])
+        >>> good = 4 * torch.nn.functional.one_hot(y, 2).float()
+        >>> logits = torch.stack([good, -good], 1)  # (N, A, K) = (4, 2, 2): the identity right, the view wrong
+        >>> agg = fit_gps(logits, y, ["identity", "hflip"], budget=2)
+        >>> agg.picks, agg(logits).argmax(1).tolist()
+        ([0, 0], [0, 1, 1, 0])
     """
     names = _check_fit_inputs(logits, y, names)
     if not hasattr(budget, "__index__") or isinstance(budget, bool) or budget < 1:
@@ -407,6 +432,18 @@ def fit_augtta(
     ``logits (N, A, K)``, ``y (N,)``. Prediction ``log_softmax(sum_a w_a l_a)``,
     ``w >= 0``, ``sum_a w_a = 1``; ``w = softmax(theta)``, ``theta = 0`` at the start
     (uniform), full-batch Adam for ``epochs`` steps. Exposes ``.weights (A,)``.
+
+    Shape:
+        - logits: ``(N, A, K)``.
+        - y: ``(N,)`` integer labels in ``0..K-1``.
+        - output: an aggregator with ``weights`` ``(A,)``, mapping ``(N', A, K)`` to ``(N', K)``.
+
+    Example:
+        >>> y = torch.tensor([0, 1, 1, 0])
+        >>> good = 4 * torch.nn.functional.one_hot(y, 2).float()
+        >>> agg = fit_augtta(torch.stack([good, -good], 1), y, ["identity", "hflip"], epochs=50)
+        >>> agg.weights.shape, bool(agg.weights[0] > agg.weights[1]), torch.allclose(agg.weights.sum(), torch.tensor(1.0))
+        (torch.Size([2]), True, True)
     """
     names = _check_fit_inputs(logits, y, names)
     w = _fit_simplex_weights(logits, y, False, epochs, lr, seed)
@@ -428,6 +465,19 @@ def fit_classtta(
     ``logits (N, A, K)``, ``y (N,)``. Prediction ``log_softmax_k(sum_a w_{a,k} l_{a,k})``,
     ``w >= 0``, ``sum_a w_{a,k} = 1`` for every ``k``; ``w = softmax(theta, dim=0)``,
     uniform start, full-batch Adam. Exposes ``.weights (A, K)``.
+
+    Shape:
+        - logits: ``(N, A, K)``.
+        - y: ``(N,)`` integer labels in ``0..K-1``.
+        - output: an aggregator with ``weights`` ``(A, K)`` (each column summing to 1), mapping
+          ``(N', A, K)`` to ``(N', K)``.
+
+    Example:
+        >>> y = torch.tensor([0, 1, 1, 0])
+        >>> good = 4 * torch.nn.functional.one_hot(y, 2).float()
+        >>> agg = fit_classtta(torch.stack([good, -good], 1), y, ["identity", "hflip"], epochs=50)
+        >>> agg.weights.shape, torch.allclose(agg.weights.sum(0), torch.ones(2))
+        (torch.Size([2, 2]), True)
     """
     names = _check_fit_inputs(logits, y, names)
     w = _fit_simplex_weights(logits, y, True, epochs, lr, seed)
@@ -448,6 +498,18 @@ def fit_image_aggregator(
     use all ``A`` augmentations: a ``budget`` other than ``A`` is refused (pass the
     logits of the first ``budget`` augmentations instead). ``kw`` goes to the fitter
     (``trained_on``, and ``epochs``/``lr``/``seed`` for AugTTA/ClassTTA).
+
+    Shape:
+        - logits: ``(N, A, K)``, ``A = len(names)``.
+        - y: ``(N,)`` integer labels in ``0..K-1``.
+        - output: an aggregator mapping ``(N', A, K)`` logits to ``(N', K)`` log-probabilities.
+
+    Example:
+        >>> logits, y = torch.zeros(4, 2, 3), torch.tensor([0, 1, 2, 0])
+        >>> fit_image_aggregator("mean", logits, y, ["identity", "hflip"]).method
+        'mean'
+        >>> fit_image_aggregator("gps", logits, y, ["identity", "hflip"], budget=3).picks
+        [0, 0, 0]
     """
     if method not in METHODS:
         raise InputError(f"unknown image-TTA aggregation method {method!r}; valid: {', '.join(METHODS)}")

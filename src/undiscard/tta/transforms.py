@@ -983,6 +983,17 @@ def deaugment_mean(
 
     Returns:
         ``(N, K, H, W)``; 0 where no view covers a pixel.
+
+    Shape:
+        - views: one ``(N, K, H'_a, W'_a)`` tensor per transform.
+        - size: ``(H, W)``.
+        - output: ``(N, K, H, W)``.
+
+    Example:
+        >>> d = torch.arange(4.0).reshape(1, 1, 2, 2)
+        >>> ts = [Identity(), HFlip()]
+        >>> torch.equal(deaugment_mean([t.augment_dense(d) for t in ts], ts, (2, 2)), d)
+        True
     """
     if len(views) != len(transforms) or not views:
         raise InputError(f"one view per transform is needed; got {len(views)} views and {len(transforms)} transforms")
