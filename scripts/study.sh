@@ -15,7 +15,7 @@ if ! agg 2> >(tee runs/study-aggregator.err >&2); then  # an aggregator of an ol
   agg --fresh
 fi
 DEFAULT_VARIANT="${DEFAULT_VARIANT:-displacement}"  # the library default's search (docs/results.md)
-for name in resnet-s0 mobilenet pvt resnet-offaug resnet-s1 resnet-s2; do
+for name in resnet-s0 mobilenet pvt resnet-offaug resnet-8ep resnet-s1 resnet-s2; do
   out="results/study/$name.json"
   sha=$(sha256sum "zoo/fmnist-$name.safetensors" | cut -c1-64)
   # a finished study of this very checkpoint is kept; a retrained model is studied again
@@ -24,9 +24,9 @@ for name in resnet-s0 mobilenet pvt resnet-offaug resnet-s1 resnet-s2; do
   fi
   extra=()
   [[ "$name" == resnet-s0 ]] && extra=(--ablations --aggregator "$AGG")
-  [[ "$name" == resnet-offaug ]] && extra=(--consistency-images 1000)
+  [[ "$name" == resnet-offaug || "$name" == resnet-8ep ]] && extra=(--consistency-images 1000)
   "$PY" -m undiscard.evaluation.study "$name" "zoo/fmnist-$name.safetensors" --out "$out" "${extra[@]}"
 done
-"$PY" -m undiscard.evaluation.study offset-augment resnet-offaug,resnet-s0 --out results/study/offset_augment.json \
+"$PY" -m undiscard.evaluation.study offset-augment resnet-offaug,resnet-8ep --out results/study/offset_augment.json \
   --variant "$DEFAULT_VARIANT"
 "$PY" scripts/render_study.py

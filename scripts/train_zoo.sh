@@ -10,11 +10,12 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 COMMON=(--size 64 --batch-size 256 --lr 2e-3 --augment shift --threads "${THREADS:-0}" --replace)
 declare -A ARCH=([resnet-s0]=fmnist-resnet [resnet-s1]=fmnist-resnet [resnet-s2]=fmnist-resnet
-                 [mobilenet]=fmnist-mobilenet [pvt]=fmnist-pvt [resnet-offaug]=fmnist-resnet)
+                 [mobilenet]=fmnist-mobilenet [pvt]=fmnist-pvt [resnet-offaug]=fmnist-resnet
+                 [resnet-8ep]=fmnist-resnet)
 declare -A EXTRA=([resnet-s0]="--epochs 16 --seed 0" [resnet-s1]="--epochs 16 --seed 1" [resnet-s2]="--epochs 16 --seed 2"
-                  [mobilenet]="--epochs 16 --seed 0" [pvt]="--epochs 20 --seed 0"
-                  [resnet-offaug]="--epochs 16 --seed 0 --offset-augment 0.5")
-ORDER=(resnet-s0 mobilenet pvt resnet-s1 resnet-s2 resnet-offaug)
+                  [mobilenet]="--epochs 20 --seed 0" [pvt]="--epochs 20 --seed 0"
+                  [resnet-offaug]="--epochs 8 --seed 0 --offset-augment 0.5" [resnet-8ep]="--epochs 8 --seed 0")
+ORDER=(resnet-s0 mobilenet pvt resnet-s1 resnet-s2 resnet-offaug resnet-8ep)
 NAMES=("$@"); [[ ${#NAMES[@]} -gt 0 ]] || NAMES=("${ORDER[@]}")
 for name in "${NAMES[@]}"; do
   [[ -n "${ARCH[$name]:-}" ]] || { echo "unknown zoo model $name; known: ${ORDER[*]}" >&2; exit 2; }

@@ -154,7 +154,7 @@ def test_docs_the_source_cites_exist():
 PUBLIC = {
     "undiscard": ["find_sites", "run_states", "use_states", "wrap", "Undiscard", "ImageTTA", "wrap_segmentation",
                   "SegmentationUndiscard", "AttentionAggregator", "load_aggregator", "Site", "SiteMap", "SiteOp",
-                  "UndiscardError", "ConfigError", "FileTrustError", "InputError", "ModelModeError", "OptionError",
+                  "UndiscardError", "ConfigError", "FileTrustError", "InputError", "MissedSubsamplingWarning", "ModelModeError", "OptionError",
                   "SplitError", "NoSubsamplingSiteError", "SiteMismatchError", "StateError", "UnknownModelError"],
     "undiscard.sites": ["find_sites", "Site", "SiteMap", "SiteOp"],
     "undiscard.run": ["run_states", "use_states", "SharedPrefixEvaluator", "run_trie"],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __all__ = ["UndiscardError", "NoSubsamplingSiteError", "InputError", "StateError", "OptionError",
            "ModelModeError", "SplitError", "FileTrustError", "UnknownModelError", "SiteMismatchError",
-           "DatasetNotFoundError", "ConfigError"]
+           "DatasetNotFoundError", "ConfigError", "MissedSubsamplingWarning"]
 
 
 class UndiscardError(Exception):
@@ -58,3 +58,8 @@ class DatasetNotFoundError(UndiscardError, FileNotFoundError):
 
 class ConfigError(UndiscardError, ValueError):
     """A fitted configuration (``undiscard fit``) that cannot be applied: unreadable, or made for another model."""
+
+
+class MissedSubsamplingWarning(UserWarning):
+    """The model reduces a grid somewhere no site accounts for (:attr:`SiteMap.missed`):
+    its offsets there are never searched and the displacement of later sites is off."""

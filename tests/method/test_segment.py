@@ -559,3 +559,37 @@ def test_torchvision_names_build_offline_with_random_weights():
     assert not loaded.pretrained and loaded.num_classes == 3
     with torch.no_grad():
         assert dense_logits(loaded.model, torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
+class _Confident(nn.Module):
+    """Logits scaled by 1000: every state's softmax underflows to exactly 0 for most classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU(),
+                                  nn.Conv2d(8, 4, 1))
+
+    def forward(self, x):
+        return F.interpolate(self.body(x) * 1000, size=x.shape[-2:], mode="bilinear")
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "entropy"])
+@torch.no_grad()
+def test_aggregated_log_probabilities_stay_finite_where_every_state_underflows(aggregate):
+    torch.manual_seed(0)
+    model, x = _Confident().eval(), torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert (torch.softmax(model(x), 1) == 0).float().mean() > 0.3  # the case log-of-mean would turn to -inf
+    y = wrap_segmentation(model, budget=4, aggregate=aggregate)(x)
+    assert torch.isfinite(y).all()
+    assert torch.allclose(torch.logsumexp(y, 1), torch.zeros(()), atol=1e-4)  # log-probabilities: normalised
+
+
+@pytest.mark.parametrize("name", [*EXACT, "zoo:deeplabv3", "zoo:segformer"])
+@torch.no_grad()
+def test_every_shipped_and_listed_segmentation_model_gives_finite_aggregated_output(name):
+    if name.startswith("zoo:"):
+        model, x = load_segmenter(str(ROOT / "zoo" / f"fmnist_seg_{name[4:]}.safetensors")).model, _input("zoo")
+    else:
+        model, x = seg_model(name), _input(name)
+    y = wrap_segmentation(model, budget=4)(x)
+    assert not torch.isnan(y).any() and not (y == float("-inf")).any() and torch.isfinite(y).all()

@@ -130,6 +130,20 @@ def test_pretrained_download_failure_is_clear(monkeypatch):
     assert "could not be downloaded" in msg and "--pretrained" in msg
 
 
+@pytest.mark.parametrize("name", ["fcn_resnet50", "deeplabv3_mobilenet_v3_large"])
+def test_torchvision_models_with_a_backbone_load_offline_with_random_weights(monkeypatch, name):
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)  # any download attempt fails
+    lm = load_model(f"torchvision:{name}")
+    assert not lm.pretrained and "random weights" in lm.note
+    with pytest.raises(UndiscardError, match="could not be downloaded"):
+        load_model(f"torchvision:{name}", pretrained=True)
+
+
 # --- checkpoints --------------------------------------------------------------
 
 

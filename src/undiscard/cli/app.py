@@ -39,8 +39,9 @@ def _tta_args(sp):
 def _model_args(sp):
     sp.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                     help=f"timm:NAME, torchvision:NAME or a checkpoint path (default {DEFAULT_MODEL})")
-    sp.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
-                    help="example input size (default: the model's own)")
+    sp.add_argument("--input-size", nargs="+", type=int, metavar="N",
+                    help="example input size without the batch: C L (1-D: audio), C H W (images) or C T H W "
+                         "(video, volumes) (default: the model's own)")
     sp.add_argument("--pretrained", action="store_true", help="download pretrained weights (default: random)")
     sp.add_argument("--num-classes", type=int, default=None, help="build the zoo model with this many classes")
     sp.add_argument("--in-chans", type=int, default=None, help="build the zoo model with this many input channels")

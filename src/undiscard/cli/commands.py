@@ -33,8 +33,9 @@ def _load(args):
     loaded = load_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes, in_chans=args.in_chans,
                         trust_pickle=args.trust_pickle)
     size = tuple(args.input_size) if args.input_size else loaded.input_size
-    if any(v <= 0 for v in size):
-        raise UndiscardError(f"--input-size takes three positive integers C H W; got {' '.join(map(str, size))}")
+    if not 2 <= len(size) <= 4 or any(v <= 0 for v in size):
+        raise UndiscardError(f"--input-size takes 2 to 4 positive integers: C L (1-D), C H W (images) or C T H W "
+                             f"(video, volumes); got {' '.join(map(str, size))}")
     x = torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
     sites = find_sites(loaded.model, x, searchable=parse_searchable(args.searchable))
     return loaded, size, x, sites

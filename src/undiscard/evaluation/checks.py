@@ -12,7 +12,12 @@ A user with a custom model runs these first:
   ``sqrt(n) * eps``, and each layer adds one such error). A wrong or leaking state
   changes outputs by O(1) of their scale, far above it;
 * ``every_offset_keeps_shapes``: every offset of every site (one site changed at a
-  time) keeps the default output shapes and gives finite values.
+  time) keeps the default output shapes and gives finite values; a site with more than
+  :data:`MAX_OFFSETS` offsets (a 16x16 patch embedding has 256) is checked on a seeded
+  sample of them that always holds the extremes (every corner of the offset grid);
+* ``sites_cover_every_subsampling``: every grid reduction of the forward is a site
+  (:attr:`SiteMap.missed` is empty, docs/method.md "Coverage"), so the main-path strides
+  multiply to the model's real input-to-output reduction.
 """
 
 from __future__ import annotations
@@ -28,7 +33,10 @@ from undiscard.run.engine import run_states
 from undiscard.errors import UndiscardError
 from undiscard.sites.sitemap import SiteMap
 
-__all__ = ["CheckResult", "rounding_bound", "run_checks"]
+__all__ = ["CheckResult", "MAX_OFFSETS", "offsets_to_check", "rounding_bound", "run_checks"]
+
+#: offsets per site checked one by one; a site with more is checked on a sample
+MAX_OFFSETS = 16
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,7 @@ def run_checks(model: nn.Module, sites: SiteMap, x: torch.Tensor, *, batch: int 
         >>> x = torch.zeros(1, 1, 16, 16)
         >>> [(r.name, r.passed) for r in run_checks(model, find_sites(model, x), x)]  # doctest: +NORMALIZE_WHITESPACE
         [('offset_zero_is_identity', True), ('per_sample_states_match_one_by_one', True),
-         ('every_offset_keeps_shapes', True)]
+         ('every_offset_keeps_shapes', True), ('sites_cover_every_subsampling', True)]
     """
     g = torch.Generator().manual_seed(seed)
     xb = torch.randn((batch, *x.shape[1:]), generator=g, dtype=x.dtype).to(x.device)
@@ -112,8 +120,41 @@ def run_checks(model: nn.Module, sites: SiteMap, x: torch.Tensor, *, batch: int 
             results.append(_per_sample(model, xb, everything, batch, g))
         except UndiscardError as e:
             results.append(CheckResult("per_sample_states_match_one_by_one", False, str(e)))
-    results.append(_every_offset(model, xb[:1], everything))
+    results.append(_every_offset(model, xb[:1], everything, g))
+    results.append(_coverage(sites))
     return results
+
+
+def _coverage(sites: SiteMap) -> CheckResult:
+    total = "x".join(map(str, sites.stride_total))
+    if not sites.missed:
+        return CheckResult("sites_cover_every_subsampling", True,
+                           f"every grid reduction is a site (main-path stride {total})")
+    return CheckResult("sites_cover_every_subsampling", False,
+                       f"main-path stride {total} misses {len(sites.missed)} step(s): {'; '.join(sites.missed)}")
+
+
+def offsets_to_check(site, generator: torch.Generator | None = None, limit: int = MAX_OFFSETS) -> list[int]:
+    """The non-zero flat offsets of ``site`` to check: all of them, or for a site with more
+    than ``limit``, every corner of its offset grid plus a seeded sample of the rest.
+
+    Example:
+        >>> from undiscard import find_sites
+        >>> site = find_sites(nn.Conv2d(1, 1, 16, stride=16), torch.zeros(1, 1, 32, 32))[0]
+        >>> picked = offsets_to_check(site, torch.Generator().manual_seed(0))
+        >>> len(picked), [site.offset_of(k) for k in picked[:3]]
+        (16, [(0, 15), (15, 0), (15, 15)])
+    """
+    n = site.num_offsets
+    if n - 1 <= limit:
+        return list(range(1, n))
+    corners = [site.index_of(tuple(c)) for c in torch.cartesian_prod(
+        *[torch.tensor([0, r - 1]) for r in site.stride]).reshape(-1, len(site.stride)).tolist()]
+    picked = list(dict.fromkeys(k for k in corners if k != 0))
+    rest = torch.tensor([k for k in range(1, n) if k not in picked])
+    order = torch.randperm(len(rest), generator=generator)
+    picked += rest[order[: max(limit - len(picked), 0)]].tolist()
+    return picked
 
 
 def _per_sample(model, xb, everything, batch, g) -> CheckResult:
@@ -129,10 +170,13 @@ def _per_sample(model, xb, everything, batch, g) -> CheckResult:
                        f"max rel diff {d:.1e} over {batch} samples (allowed {tol:.1e}: the rounding of batched kernels)")
 
 
-def _every_offset(model, x1, everything) -> CheckResult:
+def _every_offset(model, x1, everything, g) -> CheckResult:
     rows = []
+    sampled = 0
     for j, site in enumerate(everything.searchable_sites):
-        for k in range(1, site.num_offsets):
+        picked = offsets_to_check(site, g)
+        sampled += site.num_offsets - 1 - len(picked)
+        for k in picked:
             r = torch.zeros(len(everything.searchable), dtype=torch.long)
             r[j] = k
             rows.append(r)
@@ -151,5 +195,8 @@ def _every_offset(model, x1, everything) -> CheckResult:
     return CheckResult(
         "every_offset_keeps_shapes",
         not bad,
-        f"{len(rows)} single-site offsets over {len(everything)} sites" + (f"; {'; '.join(bad[:3])}" if bad else ""),
+        f"{len(rows)} single-site offsets over {len(everything)} sites"
+        + (f" ({sampled} more sampled out: sites over {MAX_OFFSETS} offsets are checked at their corners and a "
+           f"seeded sample)" if sampled else "")
+        + (f"; {'; '.join(bad[:3])}" if bad else ""),
     )

@@ -11,16 +11,18 @@ operator) and applies the classifier's head to the result.
 
 ``budget=1`` is the plain model: the wrapped module returns exactly ``backbone(x)``.
 
-The classifier must split into features and head: timm models do
-(``forward_features`` / ``forward_head``); for anything else pass
-``split=(features_fn, head_fn)`` with ``head_fn(features_fn(x)) == model(x)``.
+The classifier is split into features and head: timm models say where
+(``forward_features`` / ``forward_head``); any other model (torchvision, transformers, a
+user's own) is split automatically at the call that turns its final map into a vector
+(:mod:`undiscard.method.autosplit`), and keeps its own output type; ``split=(features_fn,
+head_fn)`` with ``head_fn(features_fn(x)) == model(x)`` overrides both.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,6 +30,7 @@ import torch.nn as nn
 
 from undiscard.method.aggregate import entropy, entropy_weights, weighted_mean
 from undiscard.method.align import FILLS, align_to_default
+from undiscard.method.autosplit import AutoSplit, first_logits, with_logits
 from undiscard.run.engine import use_states
 from undiscard.method.base import StateWrapper
 from undiscard.errors import OptionError, SiteMismatchError, SplitError, UndiscardError
@@ -56,6 +59,7 @@ class FeatureSplit:
     features: Callable[[torch.Tensor], torch.Tensor]
     head: Callable[[torch.Tensor], torch.Tensor]
     layout: str = "NCHW"
+    auto: AutoSplit | None = None  # found by watching the forward (undiscard.method.autosplit)
 
     def to_positions(self, f: torch.Tensor) -> torch.Tensor:
         if self.layout == "NCHW":
@@ -76,19 +80,7 @@ class FeatureSplit:
         return align_to_default(f, delta_px, stride_total, fill)
 
 
-def _first_tensor(out: Any) -> torch.Tensor | None:
-    """The logits in a model's output: the tensor itself, ``.logits``, ``["logits"]``/``["out"]`` or the first item."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(getattr(out, "logits", None), torch.Tensor):
-        return out.logits
-    if isinstance(out, dict):
-        for key in ("logits", "out"):
-            if isinstance(out.get(key), torch.Tensor):
-                return out[key]
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    return None
+_first_tensor = first_logits
 
 
 def verify_split(model: nn.Module, split: FeatureSplit, x: torch.Tensor) -> None:
@@ -101,7 +93,7 @@ def verify_split(model: nn.Module, split: FeatureSplit, x: torch.Tensor) -> None
     """
     with torch.no_grad():
         ref = _first_tensor(model(x))
-        got = split.head(split.features(x))
+        got = _first_tensor(split.head(split.features(x)))
     n = x.shape[0]
     if ref is None:
         raise SplitError(f"cannot verify the split: the model returned a {type(ref).__name__}, not logits")
@@ -144,10 +136,25 @@ def split_classifier(model: nn.Module, split: tuple[Callable, Callable] | None =
         if hasattr(model, "cls_token") or hasattr(model, "num_prefix_tokens"):
             layout = "tokens"
         return FeatureSplit(model.forward_features, model.forward_head, layout)
-    raise UndiscardError(
-        f"cannot split {type(model).__name__} into features and head: it has no forward_features/forward_head "
-        "(timm models do). Pass split=(features_fn, head_fn) with head_fn(features_fn(x)) == model(x)."
-    )
+    auto = AutoSplit(model)  # torchvision, transformers, any module: found per input size (check_sites)
+    return FeatureSplit(auto.features, auto.head, "NCHW", auto)
+
+
+def resolve_layout(layout: str, f: torch.Tensor, sites: SiteMap) -> str:
+    """The layout of features ``f`` given the declared one: ``"tokens"`` when ``f`` has no
+    grid axes (``(N, T, C)`` of a 2-D model), and channels-last / channels-first swapped
+    when only the other reading matches the last main-path site's grid."""
+    nd = len(sites.stride_total)
+    if f.dim() != nd + 2:
+        return "tokens"
+    main = [s for s in sites.sites if s.main]
+    grid = tuple(main[-1].out_grid) if main else None
+    first, last = tuple(f.shape[2:]), tuple(f.shape[1:-1])
+    if layout == "NCHW" and first != grid and last == grid:
+        return "NHWC"
+    if layout == "NHWC" and last != grid and first == grid:
+        return "NCHW"
+    return layout
 
 
 # --------------------------------------------------------------------- search output
@@ -259,6 +266,8 @@ class Undiscard(StateWrapper):
         """The batch has the sites' spatial rank; the features / head split is verified on (up to two of) the
         images, ``head(features(x)) == model(x)`` (else :class:`SplitError`); a trained aggregator's sites match."""
         check_batch(x, len(sites.stride_total))
+        if self.split.auto is not None:
+            self.split = replace(self.split, layout=self.split.auto.prepare(x, sites))
         if x.shape[0]:
             verify_split(self.model, self.split, x[:2])
         if self.aggregator is not None:
@@ -294,6 +303,7 @@ class Undiscard(StateWrapper):
         rows = [0] * len(sites.searchable)
 
         def features(img: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+            nonlocal sp
             if shared is not None:
                 fs = [shared(img, states)]
             else:
@@ -305,6 +315,9 @@ class Undiscard(StateWrapper):
                     rows[j] += img.numel()
             f = torch.cat(fs) if len(fs) > 1 else fs[0]
             if not grid:
+                layout = resolve_layout(sp.layout, f, sites)
+                if layout != sp.layout:
+                    self.split = sp = replace(sp, layout=layout)
                 grid.append(tuple(f.shape[2:]) if sp.layout == "NCHW" else tuple(f.shape[1:-1]))
             if self.align:
                 f = sp.align(f, sites.displacement(states), stride, self.fill)
@@ -391,6 +404,8 @@ class Undiscard(StateWrapper):
                                 torch.zeros(n, 1, len(sites.stride_total), dtype=torch.long), sites)
         found = self.search(x)
         logits, w = self.combine(found)
+        if self.split.auto is not None:  # the model's own output type (a transformers ImageClassifierOutput)
+            logits = with_logits(self.split.auto.template, logits)
         if self.return_details:
             return logits, Details(found.states, w, found.delta, self.sites_for(x))
         return logits

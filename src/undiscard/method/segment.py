@@ -27,7 +27,10 @@ the state's aligned prediction over its valid pixels, lower first; ``random`` an
 
 **What comes back.** ``budget=1`` returns exactly the plain model's logits, upsampled to
 the input size. ``budget > 1`` returns the log of the aggregated probabilities: valid
-logits (their softmax is the aggregated prediction, their argmax the label map).
+logits (their softmax is the aggregated prediction, their argmax the label map),
+computed in log space (a logsumexp over the states), so finite wherever the model's
+logits are: a class whose probability underflows to 0 in every state keeps its
+log-probability rather than ``log 0 = -inf``.
 
 **Networks that carry encoder features across sites** (U-Net, FPN, DeepLabV3+,
 SegFormer's all-stage head): the shared-prefix engine detects the crossing and the
@@ -424,7 +427,10 @@ def aggregate_dense(logp: torch.Tensor, valid: torch.Tensor, aggregate: str = "m
     z = w.sum(1)
     if bool((z <= 0).any()):
         raise UndiscardError("a pixel has no valid state to aggregate (the default state must cover every pixel)")
-    return ((p * w).sum(1) / z).log()
+    # log(sum_b w_b p_b / z) in log space: a class whose probability underflows in every
+    # state keeps a finite log-probability instead of log(0) = -inf
+    terms = torch.where(ok & (w > 0), logp + w.log(), torch.full_like(logp, float("-inf")))
+    return torch.logsumexp(terms, 1) - z.log()
 
 
 # --------------------------------------------------------------------- skips that cross sites
@@ -899,16 +905,23 @@ class SegmentationUndiscard(StateWrapper):
                 where = store.where.tolist()
                 for s in range(0, n, chunk):
                     part = where[s : s + chunk]
-                    outs.append(_aggregate_shifted(lambda i, j: store.p[part[i][j][0]][part[i][j][1]],
-                                                   lambda i, j: store.ha[part[i][j][0]][part[i][j][1]],
-                                                   found.delta[s : s + chunk, :b], aggregate))
+                    out = _aggregate_shifted(lambda i, j: store.p[part[i][j][0]][part[i][j][1]],
+                                             lambda i, j: store.ha[part[i][j][0]][part[i][j][1]],
+                                             found.delta[s : s + chunk, :b], aggregate)
+                    if not bool(torch.isfinite(out).all()):  # a probability underflowed in every state:
+                        out = self._combine_dense(found, s, chunk, b, aggregate)  # redo in log space
+                    outs.append(out)
                 return torch.cat(outs)
         for s in range(0, n, chunk):
-            y = found.logits[s : s + chunk, :b]
-            m = y.shape[0]
-            logp, valid = _log_probs(y.flatten(0, 1), found.size, found.delta[s : s + chunk, :b].flatten(0, 1), self.fill)
-            outs.append(aggregate_dense(logp.reshape(m, b, *logp.shape[1:]), valid.reshape(m, b, *valid.shape[1:]), aggregate))
+            outs.append(self._combine_dense(found, s, chunk, b, aggregate))
         return torch.cat(outs)
+
+    def _combine_dense(self, found, s: int, chunk: int, b: int, aggregate: str) -> torch.Tensor:
+        """:meth:`combine` of images ``s .. s + chunk`` from the stacked logits, in log space."""
+        y = found.logits[s : s + chunk, :b]
+        m = y.shape[0]
+        logp, valid = _log_probs(y.flatten(0, 1), found.size, found.delta[s : s + chunk, :b].flatten(0, 1), self.fill)
+        return aggregate_dense(logp.reshape(m, b, *logp.shape[1:]), valid.reshape(m, b, *valid.shape[1:]), aggregate)
 
     def forward(self, x: torch.Tensor) -> Any:
         check_eval_mode(self.model, what="wrap_segmentation(model, ...)")

@@ -21,6 +21,7 @@ them). Every loaded model is returned in eval mode.
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,8 @@ def _load_torchvision(
     kw: dict = {}
     if num_classes is not None:
         kw["num_classes"] = num_classes
+    if not pretrained and "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(name)).parameters:
+        kw["weights_backbone"] = None  # random weights all through: no backbone download (segmentation, detection)
     try:
         model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kw)
     except Exception as exc:

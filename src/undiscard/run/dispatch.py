@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from undiscard.errors import SiteMismatchError
-from undiscard.sites.calls import BINDERS, OpCall
+from undiscard.sites.calls import BINDERS, OpCall, is_site_call
 from undiscard.sites.sitemap import Site, SiteMap
 
 __all__ = ["Groups", "CallMatcher", "group_rows", "apply_grouped", "tensors_in"]
@@ -35,6 +35,7 @@ class CallMatcher:
     def __init__(self, sites: SiteMap) -> None:
         self.calls = sites.calls
         self.counter = 0
+        self.spatial_rank = len(sites.input_shape) - 2
 
     def site_of(self, func, args: tuple, kwargs: dict) -> tuple[OpCall, int] | None:
         """``(bound call, site index)`` for a strided subsampling call; None for any other call.
@@ -45,7 +46,7 @@ class CallMatcher:
         if binder is None:
             return None
         call = binder(func, args, kwargs)
-        if not call.strided:
+        if not is_site_call(call, self.spatial_rank):
             return None
         n = len(self.calls)
         i = self.counter % n if n else 0

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from undiscard.sites import ops
 from undiscard.errors import UndiscardError
 
-__all__ = ["OpCall", "BINDERS", "RESHAPES"]
+__all__ = ["OpCall", "BINDERS", "RESHAPES", "is_site_call"]
 
 
 def _tuple(v: Any, nd: int) -> tuple[int, ...]:
@@ -37,8 +37,10 @@ def _tuple(v: Any, nd: int) -> tuple[int, ...]:
 class OpCall:
     """One call of a (possibly) strided op, arguments normalised.
 
-    ``kind`` is ``conv``, ``max_pool``, ``avg_pool`` or ``pixel_unshuffle``;
-    ``stride``/``kernel``/``padding``/``dilation`` are per spatial axis.
+    ``kind`` is ``conv``, ``max_pool``, ``avg_pool``, ``pixel_unshuffle`` or ``slice``
+    (strided indexing, ``x[..., ::2, ::2]``); ``stride``/``kernel``/``padding``/``dilation``
+    are per spatial axis. ``dims`` are the input's spatial axes and ``out_dims`` the
+    output's (both the trailing ones, except for a slice of a channels-last tensor).
     """
 
     kind: str
@@ -48,7 +50,9 @@ class OpCall:
     kernel: tuple[int, ...]
     padding: tuple[int, ...] = ()
     dilation: tuple[int, ...] = ()
-    extra: tuple = ()  # conv: (weight, bias, groups); max: (ceil, return_indices); avg: (ceil, cip, div)
+    extra: tuple = ()  # conv: (weight, bias, groups); max: (ceil, return_indices); avg: (ceil, cip, div); slice: (index,)
+    dims: tuple[int, ...] | None = None  # None: the trailing len(stride) axes
+    out_dims: tuple[int, ...] | None = None
 
     @property
     def strided(self) -> bool:
@@ -57,6 +61,15 @@ class OpCall:
     @property
     def spatial_dims(self) -> int:
         return len(self.stride)
+
+    @property
+    def in_axes(self) -> tuple[int, ...]:
+        """The input's spatial axes (non-negative)."""
+        return self.dims if self.dims is not None else tuple(range(self.x.dim() - len(self.stride), self.x.dim()))
+
+    def out_axes(self, y: torch.Tensor) -> tuple[int, ...]:
+        """The spatial axes of this call's output ``y``."""
+        return self.out_dims if self.out_dims is not None else tuple(range(y.dim() - len(self.stride), y.dim()))
 
     def with_input(self, x: torch.Tensor) -> OpCall:
         return replace(self, x=x)
@@ -79,6 +92,8 @@ class OpCall:
             return ops.avg_pool_at_offset(self.x, self.kernel, self.stride, self.padding, ceil_mode, cip, div, offset)
         if self.kind == "pixel_unshuffle":
             return ops.pixel_unshuffle_at_offset(self.x, self.stride[0], offset)
+        if self.kind == "slice":
+            return ops.slice_at_offset(self.x, self.extra[0], self.in_axes, offset)
         raise AssertionError(self.kind)
 
 
@@ -141,6 +156,57 @@ def _bind_pixel_unshuffle(func, args, kwargs) -> OpCall:
     return OpCall("pixel_unshuffle", func, x, (r, r), (r, r), (0, 0), (1, 1))
 
 
+_NOT_STRIDED = OpCall("slice", None, None, (1,), (1,))  # type: ignore[arg-type]
+
+
+def _bind_getitem(func, args, kwargs) -> OpCall:
+    """``x[index]`` with a step > 1 on some axis other than the batch axis: strided slicing.
+
+    Only basic indexing is read (slices, ints, ``...``, ``None``); the batch axis must be
+    kept whole (``:`` or inside ``...``) so a batch can be split by state. Anything else
+    (advanced indexing, a step on the batch axis) is not a subsampling op.
+    """
+    x = args[0] if args else None
+    index = args[1] if len(args) > 1 else None
+    if not isinstance(x, torch.Tensor):
+        return _NOT_STRIDED
+    items = index if isinstance(index, tuple) else (index,)
+    if not any(isinstance(it, slice) and it.step not in (None, 1) for it in items):
+        return _NOT_STRIDED  # the common case, decided without walking the index
+    consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
+    if any(not (it is None or it is Ellipsis or isinstance(it, (slice, int))) or isinstance(it, bool) for it in items) \
+            or sum(it is Ellipsis for it in items) > 1 or consumed > x.dim():
+        return _NOT_STRIDED
+    dims, out_dims, steps = [], [], []
+    d = o = 0  # input axis, output axis
+    for it in items:
+        if it is Ellipsis:
+            skip = x.dim() - consumed
+            d, o = d + skip, o + skip
+        elif it is None:
+            o += 1
+        elif isinstance(it, int):
+            if d == 0:
+                return _NOT_STRIDED  # drops the batch axis
+            d += 1
+        else:
+            step = 1 if it.step is None else int(it.step)
+            if step > 1:
+                if d == 0:
+                    return _NOT_STRIDED  # a step on the batch axis
+                dims.append(d)
+                out_dims.append(o)
+                steps.append(step)
+            elif d == 0 and (it.start not in (None, 0) or it.stop is not None):
+                return _NOT_STRIDED  # cuts the batch
+            d, o = d + 1, o + 1
+    if not dims:
+        return _NOT_STRIDED
+    stride = tuple(steps)
+    return OpCall("slice", func, x, stride, stride, (0,) * len(stride), (1,) * len(stride), (index,),
+                  tuple(dims), tuple(out_dims))
+
+
 #: callable -> binder(func, args, kwargs) -> OpCall
 BINDERS: dict[Callable, Callable[[Callable, tuple, dict], OpCall]] = {
     torch.conv1d: _bind_conv(1),
@@ -159,7 +225,28 @@ BINDERS: dict[Callable, Callable[[Callable, tuple, dict], OpCall]] = {
     torch._C._nn.avg_pool2d: _bind_avg_pool(2),
     torch._C._nn.avg_pool3d: _bind_avg_pool(3),
     torch.pixel_unshuffle: _bind_pixel_unshuffle,
+    torch.Tensor.__getitem__: _bind_getitem,
 }
+
+
+def is_site_call(call: OpCall, spatial_rank: int) -> bool:
+    """Whether a bound call subsamples: strided; for a slice, stepping as many axes as the
+    model input has spatial axes (a step on one axis of a 2-D model's tensor is channel or
+    token bookkeeping, such as rotary embeddings' ``x[..., ::2]``); for a pool, not global."""
+    if not call.strided:
+        return False
+    if call.kind == "slice":
+        return len(call.stride) == spatial_rank
+    if call.kind in ("max_pool", "avg_pool"):
+        return not is_global_pool(call)
+    return True
+
+
+def is_global_pool(call: OpCall) -> bool:
+    """A pooling window that covers the whole (padded) map on every axis: a global pool,
+    which leaves one value per channel and no grid to move (not a subsampling site)."""
+    sizes = call.x.shape[call.x.dim() - len(call.kernel):]
+    return all(k >= n + 2 * p for k, n, p in zip(call.kernel, sizes, call.padding or (0,) * len(sizes)))
 
 #: tensor reshapes that can split a spatial axis into (grid, patch) — a space-to-depth sign
 RESHAPES = frozenset({

@@ -29,6 +29,7 @@ intercepted (docs/limits.md).
 from __future__ import annotations
 
 import contextvars
+import warnings
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -38,8 +39,8 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from undiscard.errors import InputError, NoSubsamplingSiteError
-from undiscard.sites.calls import BINDERS, RESHAPES
+from undiscard.errors import InputError, MissedSubsamplingWarning, NoSubsamplingSiteError
+from undiscard.sites.calls import BINDERS, RESHAPES, is_site_call
 
 from undiscard.sites.sitemap import Site, SiteMap, SiteOp, resolve_searchable
 
@@ -100,6 +101,10 @@ class _Recorder(TorchFunctionMode):
         self.n_calls = 0
         self.unbatched: tuple[str, tuple[int, ...]] | None = None
         self.leaf_kind: dict[str, str] = {}  # module name -> op kind, for conv/pool modules
+        self.spatial_rank = 2  # spatial axes of the model input (set by find_sites)
+        # coverage: grids made by the input, a site or a resampling op; grid reductions that are none of these
+        self.known_grids: set[tuple[int, ...]] = set()
+        self.reductions: list[tuple[int, str, str, tuple[int, ...], tuple[int, ...]]] = []
 
     # ancestry ---------------------------------------------------------------
     def anc(self, t: torch.Tensor) -> frozenset:
@@ -126,9 +131,9 @@ class _Recorder(TorchFunctionMode):
         binder = BINDERS.get(func)
         if binder is not None and _INPUT in anc:
             call = binder(func, args, kwargs)
-            if call.strided:
+            if is_site_call(call, self.spatial_rank):
                 nd = call.spatial_dims
-                if call.x.dim() != nd + 2 and self.unbatched is None:
+                if call.kind != "slice" and call.x.dim() != nd + 2 and self.unbatched is None:
                     self.unbatched = (self.where, tuple(call.x.shape))
                 y = out[0] if isinstance(out, tuple) else out
                 fname = getattr(func, "__name__", "op")
@@ -143,16 +148,19 @@ class _Recorder(TorchFunctionMode):
                     call_index=self.n_calls,
                     stride=call.stride,
                     kernel=call.kernel,
-                    in_grid=tuple(call.x.shape[-nd:]),
-                    out_grid=tuple(y.shape[-nd:]),
-                    spatial_dims=tuple(range(call.x.dim() - nd, call.x.dim())),
+                    in_grid=tuple(call.x.shape[d] for d in call.in_axes),
+                    out_grid=tuple(y.shape[d] for d in call.out_axes(y)),
+                    spatial_dims=call.in_axes,
                 )
                 self.n_calls += 1
                 rec = _Rec(len(self.recs), self.events, op, anc)
                 self.recs.append(rec)
+                self.known_grids.add(op.out_grid)
                 anc = anc | {rec.id}
         elif func in RESHAPES and isinstance(out, torch.Tensor) and out.dim() > ins[0].dim():
             self.reshape_splits += 1
+        if _INPUT in anc and isinstance(out, torch.Tensor) and out.dim() >= self.spatial_rank + 2:
+            self._follow_grid(func, ins, tags, out, binder is not None and len(self.recs) and self.recs[-1].order == self.events)
         data_tags = [a for a in tags if _INPUT in a]  # weights and constants take no part
         if len(data_tags) >= 2:
             self._merge(data_tags)
@@ -160,6 +168,29 @@ class _Recorder(TorchFunctionMode):
             if isinstance(t, torch.Tensor):
                 self.tag(t, anc)
         return out
+
+    def _follow_grid(self, func, ins: list[torch.Tensor], tags: list[frozenset], out: torch.Tensor, is_site: bool) -> None:
+        """Coverage (docs/method.md, "Coverage"): a call that maps a known grid (the input's,
+        a site's output, a resampled one) to one smaller by a factor >= 1.5 on every axis,
+        at the same tensor axes, and is not a site, is a subsampling step undiscard misses."""
+        nd = self.spatial_rank
+        fname = getattr(func, "__name__", "op")
+        if is_site:
+            return
+        if any(w in fname for w in ("adaptive", "interpolate", "upsample")):  # resampling: not a site, a new grid
+            self.known_grids.add(tuple(out.shape[-nd:]))  # resampling ops are channels-first
+            return
+        for x, tag in zip(ins, tags):
+            if _INPUT not in tag or x.dim() != out.dim():
+                continue
+            for a in range(1, out.dim() - nd + 1):
+                gx, gy = tuple(x.shape[a:a + nd]), tuple(out.shape[a:a + nd])
+                if gx not in self.known_grids or all(g == 1 for g in gy):
+                    continue
+                if all(m >= 1 and (n == 1 or n >= 1.5 * m) for n, m in zip(gx, gy)) and any(n > 1 for n in gx):
+                    self.reductions.append((self.events, self.where, fname, gx, gy))
+                    self.known_grids.add(gy)
+                    return
 
     def _merge(self, tags: list[frozenset]) -> None:
         """Strided ops that reach this call through different inputs, with equal grids, are one site."""
@@ -216,6 +247,7 @@ class _Recorder(TorchFunctionMode):
             )
             rec = _Rec(len(self.recs), self.events, op, frame.in_anc, module_path=name)
             self.recs.append(rec)
+            self.known_grids.add(op.out_grid)
             self.tag(output, self.anc(output) | frame.in_anc | {rec.id})
             return None
 
@@ -313,6 +345,8 @@ def find_sites(
             f"{tuple(x0.shape)}. Add a batch axis with x.unsqueeze(0)."
         )
     rec = _Recorder()
+    rec.spatial_rank = x0.dim() - 2
+    rec.known_grids.add(tuple(x0.shape[2:]))
     modes = {m: m.training for m in model.modules()}
     handles = []
     for name, m in model.named_modules():
@@ -351,7 +385,41 @@ def find_sites(
             f"conv/pool, patch embedding or patch merging touches the input. undiscard needs at least one "
             f"(a model that never subsamples discards nothing)."
         )
-    return _build(rec, x0, searchable, _model_name(model))
+    sites = _build(rec, x0, searchable, _model_name(model))
+    if sites.missed:
+        warnings.warn(
+            f"{_model_name(model)}: {len(sites.missed)} subsampling step(s) are not sites, so their offsets are "
+            f"never searched and the displacement of later sites ignores them: {'; '.join(sites.missed)}. "
+            f"`undiscard check` fails on this model (docs/limits.md).", MissedSubsamplingWarning, stacklevel=2)
+    return sites
+
+
+def _missed(rec: _Recorder, sites: list[Site], groups: list[list[_Rec]], grid: tuple[int, ...]) -> tuple[str, ...]:
+    """The subsampling steps no site accounts for (docs/method.md, "Coverage"), as sentences."""
+    s2d = [r.module_path for r in rec.recs if r.module_path is not None]
+
+    def inside(where: str) -> bool:
+        return any(p == "" or where == p or where.startswith(p + ".") for p in s2d)
+
+    found = [(ev, f"'{where or '(model)'}' ({fname}) maps the grid {_fmt(gx)} to {_fmt(gy)}")
+             for ev, where, fname, gx, gy in rec.reductions if not inside(where)]
+    # the main path's grids must chain: a site's input grid is its predecessor's output grid,
+    # give or take padding and valid convs (a factor < 1.5)
+    prev, prev_ev, prev_name = grid, 0, "the input"
+    for site, g in zip(sites, groups):
+        if not site.main or len(site.in_grid) != len(prev):
+            continue
+        ev = min(r.order for r in g)
+        if all(n == 1 or n >= 1.5 * m for n, m in zip(prev, site.in_grid)) and any(n > 1 for n in prev) \
+                and not any(prev_ev < e < ev for e, _ in found):
+            found.append((ev, f"between {prev_name} and site {site.index} ({site.name}) the grid shrinks from "
+                              f"{_fmt(prev)} to {_fmt(site.in_grid)} with no site in between"))
+        prev, prev_ev, prev_name = site.out_grid, ev, f"site {site.index} ({site.name})"
+    return tuple(dict.fromkeys(m for _, m in sorted(found)))  # one line per step (Swin's four slices are one)
+
+
+def _fmt(g: tuple[int, ...]) -> str:
+    return "x".join(map(str, g))
 
 
 def _unbatched_error(unbatched: tuple[str, tuple[int, ...]], x0: torch.Tensor) -> InputError:
@@ -424,6 +492,7 @@ def _build(rec: _Recorder, x0: torch.Tensor, searchable, model_name: str) -> Sit
         (r.module_path, site_of[r.id], r.op.spatial_dims) for r in rec.recs if r.module_path is not None
     )
     return SiteMap(
+        missed=_missed(rec, out, ordered, tuple(x0.shape[2:])),
         sites=tuple(out),
         searchable=resolve_searchable(searchable, out),
         input_shape=tuple(x0.shape),

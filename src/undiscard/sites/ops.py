@@ -37,6 +37,7 @@ __all__ = [
     "avg_pool_at_offset",
     "shift_at_offset",
     "pixel_unshuffle_at_offset",
+    "slice_at_offset",
 ]
 
 
@@ -335,3 +336,22 @@ def pixel_unshuffle_at_offset(x: torch.Tensor, factor: int, offset: Offset) -> t
         (torch.Size([1, 4, 2, 2]), [[5.0, 7.0], [13.0, 15.0]])
     """
     return F.pixel_unshuffle(shift_at_offset(x, (-2, -1), offset), factor)
+
+
+def slice_at_offset(x: torch.Tensor, index, dims: Sequence[int], offset: Offset) -> torch.Tensor:
+    """``x[index]`` (strided basic indexing) with its sampling grid moved by ``offset``.
+
+    The slice's start moves by ``s`` along each stepped axis in ``dims``; positions past the
+    end are zero fill, so the output keeps the default shape (the same as
+    :func:`shift_at_offset` followed by the slice).
+
+    Shape:
+        - x: any shape; ``dims`` are the stepped axes, ``offset`` one int per entry.
+        - output: the shape of ``x[index]``.
+
+    Example:
+        >>> x = torch.arange(16.0).reshape(1, 4, 4, 1)  # NHWC
+        >>> slice_at_offset(x, (Ellipsis, slice(0, None, 2), slice(0, None, 2), slice(None)), (1, 2), (1, 1))[0, ..., 0].tolist()
+        [[5.0, 7.0], [13.0, 15.0]]
+    """
+    return shift_at_offset(x, dims, offset)[index]

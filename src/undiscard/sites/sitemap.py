@@ -151,6 +151,8 @@ class SiteMap:
     #: (module path, site index, spatial axes) of each space-to-depth module ("" = the model)
     module_sites: tuple[tuple[str, int, tuple[int, ...]], ...] = ()
     model_name: str = ""
+    #: subsampling steps that no site accounts for (docs/method.md, "Coverage"); empty when covered
+    missed: tuple[str, ...] = ()
 
     # -- views -------------------------------------------------------------
     def __len__(self) -> int:
