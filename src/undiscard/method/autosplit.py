@@ -13,11 +13,12 @@ their aggregate). timm models say where that map is (``forward_features`` /
    tensor (a map of the final grid, channels first or last, or a token sequence at least
    as long as the grid) and give a tensor that is not: the global pooling, the flatten,
    the class-token pick that feeds the classifier. The last one is tried first.
-3. ``features(x)`` runs the model up to that call and returns its input (the rest of
-   the forward is not run). ``head(f)`` runs the model again with every earlier call
+3. The final map is that call's input, the output of an earlier call. ``features(x)``
+   runs the model through the call that makes it and returns it (the rest of the
+   forward is not run). ``head(f)`` runs the model again with every call up to that one
    that depends on the input answered by a zero-cost placeholder of the recorded shape
-   (no computation) and ``f`` put in at the split call, so the head is the model's own
-   code, whatever its output type.
+   (no computation), ``f`` standing for the final map, so the head is the model's own
+   code (every use of the map included), whatever its output type.
 4. The candidate is kept only if ``head(features(x)) == model(x)`` on the probe; the next
    one is tried otherwise, and a :class:`SplitError` names every call tried when none
    reproduces the model.
@@ -94,10 +95,10 @@ class _Call:
 
 @dataclass
 class _Plan:
-    """Where one input size is split: call ``index``, its flat argument ``arg``."""
+    """Where one input size is split: output leaf ``leaf`` of call ``index`` is the final map."""
 
     index: int
-    arg: int
+    leaf: int
     name: str
     calls: list[_Call] = field(default_factory=list)
     input_shape: tuple[int, ...] = ()
@@ -114,8 +115,9 @@ class _Record(TorchFunctionMode):
     def __init__(self, x: torch.Tensor, spatial_rank: int) -> None:
         super().__init__()
         self.derived: dict[int, Any] = {id(x): x}  # id -> tensor (kept alive for the id to stay unique)
+        self.producer: dict[int, tuple[int, int]] = {}  # id -> (call index, output leaf index)
         self.calls: list[_Call] = []
-        self.args: list[list[tuple[int, tuple[int, ...]]]] = []  # input-derived flat args: (position, shape)
+        self.args: list[list[tuple[int, tuple[int, ...], tuple[int, int] | None]]] = []  # (position, shape, producer)
         self.outs: list[list[tuple[int, ...]]] = []  # input-derived output shapes
         self.names: list[str] = []
         self.last_site = -1
@@ -125,7 +127,7 @@ class _Record(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         flat, _ = tree_flatten((args, kwargs))
-        arg_info = [(p, tuple(a.shape)) for p, a in enumerate(flat)
+        arg_info = [(p, tuple(a.shape), self.producer.get(id(a))) for p, a in enumerate(flat)
                     if isinstance(a, torch.Tensor) and self.derived.get(id(a)) is a]
         from_input = bool(arg_info)
         binder = BINDERS.get(func)
@@ -133,9 +135,10 @@ class _Record(TorchFunctionMode):
             self.last_site = len(self.calls)
         leaves, spec = tree_flatten(out)
         out_shapes = []
-        for t in leaves:
+        for k, t in enumerate(leaves):
             if isinstance(t, torch.Tensor) and from_input:
                 self.derived[id(t)] = t
+                self.producer[id(t)] = (len(self.calls), k)  # the last call to write it (in-place ops)
                 out_shapes.append(tuple(t.shape))
         self.calls.append(_Call(from_input, [(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else None
                                              for t in leaves], spec))
@@ -146,7 +149,7 @@ class _Record(TorchFunctionMode):
 
 
 class _Features(TorchFunctionMode):
-    """Run until call ``index``; stop there with its flat argument ``arg``."""
+    """Run through call ``index``; stop there with its output leaf ``leaf``."""
 
     def __init__(self, plan: _Plan) -> None:
         super().__init__()
@@ -154,14 +157,15 @@ class _Features(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         if self.i == self.plan.index:
-            raise _Stop(tree_flatten((args, kwargs))[0][self.plan.arg])
+            raise _Stop(tree_flatten(out)[0][self.plan.leaf])
         self.i += 1
-        return func(*args, **kwargs)
+        return out
 
 
 class _Head(TorchFunctionMode):
-    """Replay the forward on placeholders; put ``f`` in at the split call; run the rest."""
+    """Replay the forward on placeholders; ``f`` is the split call's output; run the rest."""
 
     def __init__(self, plan: _Plan, f: torch.Tensor) -> None:
         super().__init__()
@@ -177,17 +181,13 @@ class _Head(TorchFunctionMode):
         kwargs = kwargs or {}
         i = self.i
         self.i += 1
-        if i < self.plan.index:
+        if i <= self.plan.index:
             call = self.plan.calls[i]
-            if call.from_input and any(leaf is not None for leaf in call.leaves):
-                leaves = [self._stub(*leaf) if leaf is not None else None for leaf in call.leaves]
-                if all(leaf is not None for leaf in call.leaves):
-                    return tree_unflatten(leaves, call.spec)
-            return func(*args, **kwargs)
-        if i == self.plan.index:
-            flat, spec = tree_flatten((args, kwargs))
-            flat[self.plan.arg] = self.f
-            args, kwargs = tree_unflatten(flat, spec)
+            if call.from_input and call.leaves and all(leaf is not None for leaf in call.leaves):
+                leaves = [self._stub(*leaf) for leaf in call.leaves]
+                if i == self.plan.index:
+                    leaves[self.plan.leaf] = self.f
+                return tree_unflatten(leaves, call.spec)
         return func(*args, **kwargs)
 
 
@@ -233,18 +233,19 @@ class AutoSplit:
             ref = self.model(probe)
         main = [s for s in sites.sites if s.main]
         grid = tuple(main[-1].out_grid) if main else tuple(x.shape[2:])
-        candidates = []
+        candidates: list[tuple[int, int, str]] = []
         for i in range(len(rec.calls) - 1, rec.last_site, -1):
             outs_grid = any(_grid_layout(s, grid) for s in rec.outs[i])
-            for pos, shape in rec.args[i]:
+            for _, shape, producer in rec.args[i]:
                 layout = _grid_layout(shape, grid)
-                if layout and not outs_grid:
-                    candidates.append((i, pos, layout))
+                if layout and not outs_grid and producer is not None and producer[0] >= rec.last_site \
+                        and all(c[:2] != producer for c in candidates):
+                    candidates.append((*producer, layout))
                     break
         tried = []
         want = first_logits(ref)
-        for i, pos, layout in candidates[:_TRIES]:
-            plan = _Plan(i, pos, f"call {i} ({rec.names[i]})", rec.calls, key, ref)
+        for i, leaf, layout in candidates[:_TRIES]:
+            plan = _Plan(i, leaf, f"the output of call {i} ({rec.names[i]})", rec.calls, key, ref)
             self.current = plan
             try:
                 with torch.no_grad():
