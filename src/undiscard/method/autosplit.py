@@ -49,7 +49,12 @@ _TRIES = 8  # candidates tried before giving up
 
 
 def first_logits(out: Any) -> torch.Tensor | None:
-    """The logits in a model's output: the tensor itself, ``.logits``, ``["logits"]``/``["out"]`` or the first item."""
+    """The logits in a model's output: the tensor itself, ``.logits``, ``["logits"]``/``["out"]`` or the first item.
+
+    Shape:
+        - out: a tensor of any shape, or a structure holding one.
+        - output: that tensor, unchanged (``None`` when there is none).
+    """
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(getattr(out, "logits", None), torch.Tensor):
@@ -68,7 +73,12 @@ def with_logits(template: Any, logits: torch.Tensor) -> Any:
     as is; a transformers ``ModelOutput`` / dataclass with ``logits`` as that type with
     only ``logits`` set; a dict under its logits key; a tuple or list as its first item.
     The other fields of the model's output (hidden states, loss) belong to one forward and
-    have no aggregate: they are left out."""
+    have no aggregate: they are left out.
+
+    Shape:
+        - template: one output of the model (its logits ``(N, K)``, any batch ``N``).
+        - logits: ``(M, K)``; the output holds them unchanged.
+    """
     if isinstance(template, torch.Tensor) or template is None:
         return logits
     if isinstance(getattr(template, "logits", None), torch.Tensor):
