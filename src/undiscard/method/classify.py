@@ -80,9 +80,6 @@ class FeatureSplit:
         return align_to_default(f, delta_px, stride_total, fill)
 
 
-_first_tensor = first_logits
-
-
 def verify_split(model: nn.Module, split: FeatureSplit, x: torch.Tensor) -> None:
     """:class:`SplitError` unless ``split.head(split.features(x)) == model(x)`` on ``x``.
 
@@ -92,8 +89,8 @@ def verify_split(model: nn.Module, split: FeatureSplit, x: torch.Tensor) -> None
     logits' scale).
     """
     with torch.no_grad():
-        ref = _first_tensor(model(x))
-        got = _first_tensor(split.head(split.features(x)))
+        ref = first_logits(model(x))
+        got = first_logits(split.head(split.features(x)))
     n = x.shape[0]
     if ref is None:
         raise SplitError(f"cannot verify the split: the model returned a {type(ref).__name__}, not logits")
