@@ -21,8 +21,10 @@ from undiscard.sites.sitemap import SiteMap
 
 __all__ = ["ENGINES", "StateWrapper"]
 
-#: ``trie``: the shared-prefix engine (default); ``rerun``: one full forward per state.
-ENGINES = ("trie", "rerun")
+#: ``trie``: the shared-prefix engine, intercepting every call (default); ``segments``: the same
+#: engine on a graph captured once, plain code between the searchable sites (falls back to
+#: ``trie`` with a warning where the capture is refused); ``rerun``: one full forward per state.
+ENGINES = ("trie", "segments", "rerun")
 
 
 class StateWrapper(nn.Module):

@@ -220,6 +220,7 @@ class Undiscard(StateWrapper):
         engine: str = "trie",
         prior: Any = None,
         policy: Any = None,
+        compile: bool | str | None = None,
     ) -> None:
         if policy is not None:
             try:
@@ -233,8 +234,14 @@ class Undiscard(StateWrapper):
                 raise OptionError(f"budget {budget} exceeds the policy's {policy.shape[0]} states")
         if prior is not None:
             prior = torch.as_tensor(prior, dtype=torch.float64)
-        # a torch.compile'd model: the plain forward (budget 1) stays compiled; the engine
-        # intercepts ops in Python and runs the eager module underneath
+        # a torch.compile'd model: the plain forward (budget 1) stays compiled; the engine runs the
+        # eager module underneath, or (engine="segments") its captured graph, compiled as well
+        if compile not in (None, False) and engine != "segments":
+            raise OptionError(f"compile={compile!r} compiles the captured graph of engine='segments'; "
+                              f"got engine={engine!r}")
+        if compile is None and engine == "segments" and hasattr(model, "_orig_mod"):
+            compile = True
+        self.compile = compile
         super().__init__(getattr(model, "_orig_mod", model), budget, criterion, aggregate, searchable=searchable,
                          max_batch=max_batch, engine=engine, seed=seed, width=width, fill=fill,
                          return_details=return_details)
@@ -295,8 +302,9 @@ class Undiscard(StateWrapper):
         dims = len(stride)
 
         shared = None
-        if self.engine == "trie":
-            shared = SharedPrefixEvaluator(self.model, x, sites, forward=sp.features, max_batch=self.max_batch)
+        if self.engine in ("trie", "segments"):
+            shared = SharedPrefixEvaluator(self.model, x, sites, forward=sp.features, max_batch=self.max_batch,
+                                           capture=self.engine == "segments", compile=self.compile)
         rows = [0] * len(sites.searchable)
 
         def features(img: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
@@ -421,7 +429,7 @@ DEFAULT = _Default()
 WRAP_DEFAULTS: dict[str, Any] = {"budget": 4, "criterion": "displacement", "aggregate": "entropy", "aggregator": None,
                                  "searchable": "inner", "align": True, "fill": "zeros", "width": 1, "max_batch": 64,
                                  "seed": 0, "split": None, "return_details": False, "engine": "trie", "prior": None,
-                                 "policy": None}
+                                 "policy": None, "compile": None}
 
 
 def wrap(
@@ -443,6 +451,7 @@ def wrap(
     engine: str | None = None,
     prior: Any = None,
     policy: Any = None,
+    compile: bool | str | None = None,
 ) -> Undiscard:
     """Wrap a classifier so that it aggregates ``budget`` searched offset states per image.
 
@@ -469,15 +478,20 @@ def wrap(
         seed: the seed of the per-image random choices (default 0).
         split: ``(features, head)`` callables for a model that is not a timm classifier.
         return_details: return ``(logits, Details)`` instead of the logits.
-        engine: ``"trie"`` (default: the shared-prefix engine) or ``"rerun"`` (one forward per state).
+        engine: ``"trie"`` (default: the shared-prefix engine), ``"segments"`` (the same engine
+            on a graph of the forward captured once per input size: no per-call interception;
+            where the capture is refused, one :class:`~undiscard.run.segments.CaptureWarning`
+            and ``"trie"``) or ``"rerun"`` (one forward per state). Results do not depend on it.
+        compile: with ``engine="segments"``, ``torch.compile`` the captured graph (True:
+            inductor, or a backend name); default: when ``model`` is itself compiled.
         prior: an ``(L, R)`` neighbour order, see :func:`undiscard.method.search.greedy_search`.
         policy: a fixed list of states evaluated for every image instead of a search
             (``budget`` of them).
 
     The defaults (4 states, displacement order, entropy weights) are the learning-free
-    setting with the best validation accuracy at 4 states on the project's Fashion-MNIST
-    zoo (docs/results.md, *The default wrapper*); even so it loses accuracy there on
-    average. Whether any setting helps a given model is a question for its validation
+    setting with the best mean validation accuracy at 4 states on the project's
+    Fashion-MNIST zoo (docs/results.md, *The default wrapper*); even so it is within noise
+    of the plain model there on validation. Whether any setting helps a given model is a question for its validation
     data: ``undiscard fit`` answers it and writes a configuration (``config=``).
 
     Returns:
@@ -486,7 +500,7 @@ def wrap(
     given = {k: v for k, v in dict(budget=budget, criterion=criterion, aggregate=aggregate, aggregator=aggregator,
                                    searchable=searchable, align=align, fill=fill, width=width, max_batch=max_batch,
                                    seed=seed, split=split, return_details=return_details, engine=engine, prior=prior,
-                                   policy=policy).items()
+                                   policy=policy, compile=compile).items()
              if v is not DEFAULT and (v is not None or k == "width")}
     if config is not None:
         from undiscard.method.config import WRAP_KEYS, wrap_kwargs

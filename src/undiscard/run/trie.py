@@ -320,11 +320,13 @@ def _run_chunk(
     starts: torch.Tensor | None = None,
     cache: list[dict] | None = None,
     gimages: torch.Tensor | None = None,
+    captured: Any = None,
 ) -> TrieResult | None:
     """One trie pass over requests of the images of ``x``; None when a tensor crosses a site.
 
     ``starts`` (per request): the site whose cached input the request resumes from
-    (``-1`` or None: from the image); see :func:`build_resumed_trie`.
+    (``-1`` or None: from the image); see :func:`build_resumed_trie`. ``captured``: a
+    :class:`~undiscard.run.segments.Captured` graph to run instead of intercepting every call.
     """
     forward = model if forward is None else forward
     m, L = states.shape
@@ -334,6 +336,12 @@ def _run_chunk(
     resumed = starts is not None and bool((starts >= 0).any())
     trie = build_resumed_trie(states, images, starts) if resumed else build_trie(states, images)
     pass_ = _Pass(sites, trie, torch.arange(x.shape[0]) if gimages is None else gimages, cache)
+    x0 = x.index_select(0, trie.roots) if resumed else x.view(x.shape)  # only the images starting from the input
+    if captured is not None:  # levels were checked once, on the graph: no tags, no interception
+        out = captured.run(x0, pass_)
+        if not isinstance(out, torch.Tensor) or out.shape[0] != len(trie.keys[-1]):
+            raise StateError("the captured graph's output does not have one row per state")  # internal
+        return TrieResult(out.index_select(0, trie.inverse.to(out.device)), True, [len(p) for p in trie.parents])
     handles = []
     for name, site_index, dims in sites.module_sites:
         if site_index not in pass_.level:
@@ -346,7 +354,6 @@ def _run_chunk(
             return (y, *args[1:])
 
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    x0 = x.index_select(0, trie.roots) if resumed else x.view(x.shape)  # only the images starting from the input
     setattr(x0, _TAG, -1)
     try:
         with _TrieMode(sites, pass_):
@@ -383,10 +390,15 @@ class SharedPrefixEvaluator:
         x: ``(N, ...)`` the batch.
         forward: what to run (default ``model``; e.g. ``model.forward_features``).
         cache: False recomputes every request from the input (one trie pass per call).
+        capture: run a graph captured once (:mod:`~undiscard.run.segments`) instead of
+            intercepting every call; where the capture is refused, one warning and the
+            interception engine. ``compile``: ``torch.compile`` that graph (True: inductor,
+            or a backend name).
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, sites: SiteMap, *, forward: Callable | None = None,
-                 max_batch: int | None = None, cache: bool = True) -> None:
+                 max_batch: int | None = None, cache: bool = True, capture: bool = False,
+                 compile: bool | str | None = None) -> None:
         if max_batch is not None and max_batch < 1:
             raise OptionError(f"max_batch must be a positive integer; got {max_batch!r}")
         self.model, self.x, self.sites, self.forward = model, x, sites, forward
@@ -396,6 +408,11 @@ class SharedPrefixEvaluator:
         self.shared: bool | None = None  # unknown until the first pass
         self.resume = True  # False once a resumed pass failed (an op that rejects an empty batch)
         self.rows = [0] * self.L  # rows computed per site, over all calls
+        self.captured = None
+        if capture and self.L:
+            from undiscard.run.segments import captured_for
+
+            self.captured = captured_for(model, forward, sites, x, compile)
 
     def _start(self, image: int, state: tuple[int, ...]) -> int:
         if self.cache is None or not self.resume:
@@ -445,7 +462,8 @@ class SharedPrefixEvaluator:
             remap = torch.full((self.x.shape[0],), -1, dtype=torch.long)
             remap[chunk] = torch.arange(len(chunk))
             r = _run_chunk(self.model, self.x[chunk], remap[images[sel]], states[sel], self.sites,
-                           forward=self.forward, starts=starts[sel], cache=self.cache, gimages=chunk)
+                           forward=self.forward, starts=starts[sel], cache=self.cache, gimages=chunk,
+                           captured=self.captured)
             if r is None:
                 return None
             for k, v in enumerate(r.rows):
