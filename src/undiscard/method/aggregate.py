@@ -27,7 +27,8 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
     Shape:
         - logits: ``(..., K)``, any leading shape.
-        - output: ``(...)``, the dtype of ``logits`` (computed in float64).
+        - output: ``(...)``, the dtype of ``logits``, float32 for half-precision logits
+          (computed in float64: under autocast the entropies that rank states keep their digits).
 
     Example:
         >>> h = entropy(torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, -float("inf"), -float("inf"), -float("inf")]]))
@@ -37,7 +38,12 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     logp = torch.log_softmax(logits.double(), dim=-1)
     p = logp.exp()
     h = -(torch.where(p > 0, p * logp, torch.zeros_like(p))).sum(-1)
-    return h.to(logits.dtype)
+    return h.to(_score_dtype(logits.dtype))
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 or wider: scores of half-precision logits are not rounded back to half precision."""
+    return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else torch.float32
 
 
 def entropy_weights(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -51,7 +57,7 @@ def entropy_weights(logits: torch.Tensor, mask: torch.Tensor | None = None) -> t
         - logits: ``(N, B, K)``.
         - mask: ``(N, B)`` bool, or ``None``.
         - output: ``(N, B)``, every row summing to 1 (see the module docstring for
-          non-finite and masked states).
+          non-finite and masked states); float32 for half-precision logits.
 
     Example:
         >>> w = entropy_weights(torch.tensor([[[4.0, 0.0], [0.0, 0.0], [float("nan"), 0.0]]]))
@@ -74,7 +80,7 @@ def entropy_weights(logits: torch.Tensor, mask: torch.Tensor | None = None) -> t
     fallback = torch.where(fallback.any(1, keepdim=True), fallback, torch.ones_like(valid))
     pool = torch.where(valid.any(1, keepdim=True), valid, fallback)
     uniform = pool.double() / pool.double().sum(1, keepdim=True).clamp_min(1)
-    return torch.where(z > 0, w / z.clamp_min(1e-300), uniform).to(logits.dtype)
+    return torch.where(z > 0, w / z.clamp_min(1e-300), uniform).to(_score_dtype(logits.dtype))
 
 
 def weighted_mean(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

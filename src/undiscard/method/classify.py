@@ -338,7 +338,7 @@ class Undiscard(StateWrapper):
                 f = f.detach()
                 if criterion == "learned":
                     cells = sites.displacement(states).double() / torch.tensor(stride, dtype=torch.float64)
-                    return self.aggregator.state_logits(f, cells.to(f.dtype))
+                    return self.aggregator.state_logits(f, cells.to(device=f.device, dtype=f.dtype))
                 return -entropy(head_of_positions(f).float())
 
         if self.policy is not None:  # a fixed list of states, the same for every image: no search
@@ -362,7 +362,8 @@ class Undiscard(StateWrapper):
         logits = head_of_positions(flat).reshape(n, b, -1)
         delta = sites.displacement(res.states.reshape(n * b, -1)).reshape(n, b, dims)
         cells = delta.double() / torch.tensor(stride, dtype=torch.float64)
-        return Searched(res.states, res.outputs, logits, delta, cells.to(flat.dtype), self.align, sp.layout, grid[0])
+        return Searched(res.states, res.outputs, logits, delta, cells.to(device=flat.device, dtype=flat.dtype), self.align,
+                        sp.layout, grid[0])
 
     def _from_positions(self, f: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         lay = self.split.layout
@@ -379,16 +380,16 @@ class Undiscard(StateWrapper):
         b = found.states.shape[1] if budget is None else budget
         feats, logits, cells = found.features[:, :b], found.logits[:, :b], found.cells[:, :b]
         if b == 1:
-            return logits[:, 0], torch.ones(logits.shape[0], 1, dtype=logits.dtype)
+            return logits[:, 0], torch.ones(logits.shape[0], 1, dtype=_weight_dtype(logits), device=logits.device)
         if aggregate == "attention":
             if self.aggregator is None:
                 raise UndiscardError("aggregate='attention' needs a trained aggregator")
             agg, w = self.aggregator(feats, cells)
         else:
             if aggregate == "mean":
-                w = torch.full(logits.shape[:2], 1.0 / b, dtype=feats.dtype)
+                w = torch.full(logits.shape[:2], 1.0 / b, dtype=_weight_dtype(feats), device=feats.device)
             elif aggregate == "entropy":
-                w = entropy_weights(logits).to(feats.dtype)
+                w = entropy_weights(logits)
             else:
                 check_choice("aggregate", aggregate, AGGREGATES)
             agg = weighted_mean(feats, w)
@@ -405,7 +406,7 @@ class Undiscard(StateWrapper):
             if not self.return_details:
                 return out
             sites = sites or self.sites_for(x.new_zeros((1, *x.shape[1:])))
-            return out, Details(sites.zero_state(n).reshape(n, 1, len(sites.searchable)), torch.ones(n, 1),
+            return out, Details(sites.zero_state(n).reshape(n, 1, len(sites.searchable)), torch.ones(n, 1, device=x.device),
                                 torch.zeros(n, 1, len(sites.stride_total), dtype=torch.long), sites)
         found = self.search(x)
         logits, w = self.combine(found)
@@ -414,6 +415,11 @@ class Undiscard(StateWrapper):
         if self.return_details:
             return logits, Details(found.states, w, found.delta, self.sites_for(x))
         return logits
+
+
+def _weight_dtype(t: torch.Tensor) -> torch.dtype:
+    """Aggregation weights in float32 or wider (half-precision maps under autocast included)."""
+    return torch.promote_types(t.dtype, torch.float32)
 
 
 class _Default:

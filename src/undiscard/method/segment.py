@@ -763,14 +763,16 @@ class SegmentationUndiscard(StateWrapper):
         rows = [0] * L
         box: dict[str, Any] = {"ev": None, "engine": self.engine, "level": L}
         size_key = tuple(x.shape[1:])
-        if self.engine == "trie" and size_key in self._crosses:
+        if self.engine in ("trie", "segments") and size_key in self._crosses:
             # an earlier search at this size found a tensor crossing a searched site: the trie
             # cannot share on this model, so do not spend a first pass finding that out again
             box["engine"] = "rerun (fallback)"
-        elif self.engine == "trie":
+        elif self.engine in ("trie", "segments"):
+            # a dense forward picks the logits out of the model's output: it is not captured (one
+            # CaptureWarning with engine="segments"; the intercepting engine runs it)
             box["ev"] = SharedPrefixEvaluator(self.model, x, sites, forward=dense_forward(self.model, self.output,
                                                                                          same_batch=False),
-                                              max_batch=self.max_batch)
+                                              max_batch=self.max_batch, capture=self.engine == "segments")
 
         def rerun(img: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
             outs = []
