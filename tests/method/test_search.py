@@ -93,9 +93,27 @@ def test_each_step_evaluates_all_images_in_one_call(sites):
         calls.append(len(img))
         return torch.zeros(len(img), 3)
 
-    greedy_search(ev, 16, sites, 4, "random", seed=0)
+    greedy_search(ev, 16, sites, 4, "entropy", score=_neg_entropy, width=None)
     # default state for all 16, then the 3 remaining states of every image in one step
     assert calls == [16, 48]
+
+
+@pytest.mark.parametrize("criterion", ["random", "displacement"])
+def test_a_search_blind_to_outputs_is_planned_and_evaluated_in_one_call(sites, criterion):
+    calls = []
+
+    def ev(img, states):
+        calls.append(len(img))
+        return torch.stack([img.double(), *states.double().T], 1)  # each row names its request
+
+    res = greedy_search(ev, 5, sites, 6, criterion, seed=3)
+    assert calls == [30]
+    # budgets stay prefixes, every state is evaluated once, and each output is its own request's
+    for b in (1, 3):
+        assert torch.equal(greedy_search(ev, 5, sites, b, criterion, seed=3).states, res.states[:, :b])
+    assert all(len({tuple(s) for s in res.states[i].tolist()}) == 6 for i in range(5))
+    assert torch.equal(res.outputs[..., 0].long(), torch.arange(5)[:, None].expand(5, 6))
+    assert torch.equal(res.outputs[..., 1:].long(), res.states)
 
 
 @torch.no_grad()

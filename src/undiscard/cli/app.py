@@ -111,8 +111,9 @@ def add_eval(sub) -> None:
     sp.add_argument("--batch-size", type=int, default=128)
     sp.add_argument("--max-batch", type=int, default=64,
                     help="at most this many image-states per forward (default 64; larger batches are slower per image on CPU)")
-    sp.add_argument("--engine", choices=("trie", "rerun"), default="trie",
-                    help="trie (default): each distinct prefix computed once across the search; rerun: one forward per state")
+    sp.add_argument("--engine", choices=("trie", "segments", "rerun"), default="trie",
+                    help="trie (default): each distinct prefix computed once across the search; segments: the same on "
+                         "a graph captured once (less Python per op); rerun: one forward per state")
     sp.add_argument("--width", type=int, default=1,
                     help="states evaluated per image per search step (default 1: the criterion picks each; 0: all neighbours)")
     sp.add_argument("--seed", type=int, default=0)
@@ -322,6 +323,10 @@ def add_bench(sub) -> None:
                     help="peak-RSS points MODEL:B:BATCH, comma-separated ('' for none)")
     sp.add_argument("--options", default="resnet50", help="model to try channels_last / torch.compile on ('' for none)")
     sp.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    sp.add_argument("--latency", default="resnet50,mobilenetv2_100",
+                    help="models timed at batch 1 (p50/p90 ms per image; '' for none)")
+    sp.add_argument("--latency-repeats", type=int, default=15, help="batch-1 repeats (default 15)")
+    sp.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     sp.add_argument("--json", default=None, help="write the measurements here")
     sp.add_argument("--plot", default=None, help="write a PNG of time vs B here")
     sp.add_argument("--readme", default=None, help="re-render the <!-- bench:start/end --> section of this Markdown file (docs/benchmarks.md)")

@@ -493,7 +493,8 @@ def cmd_bench(args) -> int:
         result = bench.run_bench(
             csv(args.models), size=args.size, batch=args.batch, budgets=budgets_from(args.budget),
             repeats=args.repeats, threads=args.threads, channels_last=args.channels_last, memory=memory,
-            options=args.options or None, compile=not args.no_compile,
+            options=args.options or None, compile=not args.no_compile, latency=csv(args.latency),
+            latency_repeats=args.latency_repeats, device=args.device,
         )
     print(bench.format_markdown(result))
     if args.json:

@@ -7,6 +7,8 @@
 * ``plain``: ``model(x)``;
 * ``ours``: :func:`undiscard.wrap` with ``engine="trie"`` (entropy search, width 1,
   alignment on, mean aggregation): search + align + aggregate, the whole prediction;
+* ``segments``: the same with ``engine="segments"`` (the graph captured once, no per-call
+  interception);
 * ``rerun``: the same search with ``engine="rerun"``: one full forward per evaluated
   state, what the authors' code does (it re-runs the network for every expansion).
 
@@ -15,7 +17,14 @@ per image) x (distinct prefixes reaching that segment)``: segment times are meas
 a plain forward (time stamps at the first call of each searchable site), the prefixes are
 the rows :class:`~undiscard.run.trie.SharedPrefixEvaluator` computed. FLOPs come from
 ``torch.utils.flop_counter`` (the floor likewise from per-segment FLOPs). Peak memory is
-the peak resident set of a fresh process running one configuration.
+the peak resident set of a fresh process running one configuration (on CUDA: the peak
+of ``torch.cuda.max_memory_allocated``).
+
+Batch-1 **latency** (one request at a time): ms per image, median (p50) and 90th
+percentile (p90) over interleaved repeats, for plain, ours and segments at B = 4 and 10.
+**Options** (one model, B=10): channels_last and ``torch.compile`` for the plain model,
+ours and segments; with a compiled model, ``segments`` compiles its captured graph
+(the segments between the sites), ``ours`` runs the eager module under the compiled one.
 """
 
 from __future__ import annotations
@@ -42,6 +51,9 @@ from undiscard.sites.discover import find_sites
 __all__ = ["run_bench", "format_markdown", "plot_bench"]
 
 MODES = ("plain", "ours", "rerun")
+#: the engine behind each timed mode of ours
+ENGINE = {"ours": "trie", "segments": "segments", "rerun": "rerun"}
+_DEVICE = {"type": "cpu"}
 
 
 def _timm(name: str):
@@ -122,11 +134,25 @@ def _flops(fn) -> int:
     return fl.get_total_flops()
 
 
+def _sync() -> None:
+    if _DEVICE["type"] == "cuda":
+        torch.cuda.synchronize()
+
+
 def _time(fn) -> float:
+    _sync()
     t = time.perf_counter()
     with torch.no_grad():
         fn()
+    _sync()
     return time.perf_counter() - t
+
+
+def _percentile(v: Sequence[float], q: float) -> float:
+    v = sorted(v)
+    k = (len(v) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
 def _peak_rss_mb(args: list[str]) -> float | None:
@@ -151,7 +177,7 @@ def _peak_child(model_name: str, mode: str, budget: int, batch: int, size: int, 
     if mode == "plain":
         _time(lambda: model(x))
     else:
-        u = wrap(model, budget, "entropy", "mean", engine="trie" if mode == "ours" else "rerun")
+        u = wrap(model, budget, "entropy", "mean", engine=ENGINE[mode])
         _time(lambda: u(x))
     hwm = None
     try:
@@ -175,33 +201,43 @@ def run_bench(
     memory: Sequence[tuple[str, int, int]] = (("resnet50", 10, 16), ("resnet50", 32, 8)),
     options: str | None = "resnet50",
     compile: bool = True,
+    latency: Sequence[str] = ("resnet50", "mobilenetv2_100"),
+    latency_repeats: int = 15,
+    device: str = "cpu",
     log=print,
 ) -> dict:
     """Measure; see the module doc. ``memory``: ``(model, B, batch)`` peak-RSS points;
-    ``options``: the model the channels_last / torch.compile variants are tried on (B=10)."""
+    ``options``: the model the channels_last / torch.compile variants are tried on (B=10);
+    ``latency``: the models timed at batch 1."""
     if threads:
         torch.set_num_threads(threads)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UndiscardError("--device cuda: no CUDA device is available to torch")
+    _DEVICE["type"] = dev.type
     result = {
-        "device": "cpu", "threads": torch.get_num_threads(), "size": size, "batch": batch,
+        "device": str(dev) if dev.type != "cuda" else f"cuda ({torch.cuda.get_device_name(dev)})",
+        "threads": torch.get_num_threads(), "size": size, "batch": batch,
         "budgets": list(budgets), "repeats": repeats, "channels_last": channels_last,
         "torch": torch.__version__, "models": {},
     }
     for name in models:
-        model = _timm(name)
-        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+        model = _timm(name).to(dev)
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dev)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
         sites = find_sites(model, x[:1])
         seg_t, seg_f = segment_profile(model, x, sites)
-        wrapped = {(m, b): wrap(model, b, "entropy", "mean", engine="trie" if m == "ours" else "rerun")
-                   for m in ("ours", "rerun") for b in budgets}
+        wrapped = {(m, b): wrap(model, b, "entropy", "mean", engine=ENGINE[m])
+                   for m in ("ours", "segments", "rerun") for b in budgets}
         run = {("plain", 0): lambda: model(x)}
         for (m, b), u in wrapped.items():
             run[(m, b)] = (lambda u=u: u(x))
         log(f"{name}: {len(sites.searchable)} searchable sites, {sites.space_size} states; warm-up")
         _time(run[("plain", 0)])
         _time(run[("ours", budgets[-1])])
+        _time(run[("segments", budgets[-1])])  # the capture, once per input size
         times: dict[tuple[str, int], list[float]] = {k: [] for k in run}
         for rep in range(repeats):
             for key, fn in run.items():  # interleaved: every configuration once per repeat
@@ -212,7 +248,7 @@ def run_bench(
         rows_out = []
         for b in budgets:
             row = {"B": b}
-            for m in ("ours", "rerun"):
+            for m in ("ours", "segments", "rerun"):
                 t = statistics.median(times[(m, b)])
                 fl = _flops(run[(m, b)])
                 row[m] = {"s": t, "x_plain": t / plain, "flops": fl, "flops_x_plain": fl / plain_flops}
@@ -222,6 +258,7 @@ def run_bench(
             floor_f = _floor(seg_f, rows, batch) if b > 1 else plain_flops
             row["floor"] = {"s": floor_t, "x_plain": floor_t / plain, "flops_x_plain": floor_f / plain_flops}
             row["ours_over_floor"] = row["ours"]["s"] / floor_t
+            row["segments_over_floor"] = row["segments"]["s"] / floor_t
             row["rerun_over_ours"] = row["rerun"]["s"] / row["ours"]["s"]
             rows_out.append(row)
         # where the time of one prediction goes (B = the largest <= 10)
@@ -254,10 +291,12 @@ def run_bench(
             "plain_flops": plain_flops, "segment_s": seg_t, "segment_flops": seg_f, "rows": rows_out, "share": share,
         }
         log(format_markdown({**result, "models": {name: result["models"][name]}}, with_targets=False))
+    if latency:
+        result["latency"] = {name: _latency(name, size, latency_repeats, dev, log) for name in latency}
     if options:
-        result["options"] = _options(options, size, batch, repeats, compile, log)
+        result["options"] = _options(options, size, batch, repeats, compile, dev, log)
     peaks = []
-    for name, b, n in memory:
+    for name, b, n in (memory if dev.type == "cpu" else ()):
         pk = {"model": name, "B": b, "batch": n}
         for m in MODES:
             pk[m] = _peak_rss_mb([name, m, str(b), str(n), str(size), str(threads)])
@@ -267,17 +306,40 @@ def run_bench(
     return result
 
 
-def _options(name: str, size: int, batch: int, repeats: int, compile: bool, log) -> dict:
-    """channels_last and torch.compile for the plain model and ours at B=10."""
-    base = _timm(name)
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+def _latency(name: str, size: int, repeats: int, dev: torch.device, log) -> dict:
+    """Batch 1: ms per image, p50 and p90, for plain, ours and segments at B = 4 and 10 (interleaved)."""
+    model = _timm(name).to(dev)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)).to(dev)
+    run = {("plain", 1): lambda: model(x)}
+    for b in (4, 10):
+        for m in ("ours", "segments"):
+            u = wrap(model, b, "entropy", "mean", engine=ENGINE[m])
+            run[(m, b)] = (lambda u=u: u(x))
+    for fn in run.values():  # warm-up (and the capture)
+        _time(fn)
+    times: dict = {k: [] for k in run}
+    for _ in range(repeats):
+        for k, fn in run.items():
+            times[k].append(_time(fn))
+    p50 = statistics.median(times[("plain", 1)])
+    out = {"repeats": repeats, "rows": [
+        {"mode": m, "B": b, "p50_ms": 1000 * statistics.median(t), "p90_ms": 1000 * _percentile(t, 0.9),
+         "x_plain": statistics.median(t) / p50} for (m, b), t in times.items()]}
+    log(f"batch-1 latency {name}: " + ", ".join(f"{r['mode']} B={r['B']} {r['p50_ms']:.0f} ms" for r in out["rows"]))
+    return out
+
+
+def _options(name: str, size: int, batch: int, repeats: int, compile: bool, dev: torch.device, log) -> dict:
+    """channels_last and torch.compile for the plain model, ours and segments at B=10."""
+    base = _timm(name).to(dev)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dev)
     variants = {"default": (base, x)}
-    cl = _timm(name).to(memory_format=torch.channels_last)
+    cl = _timm(name).to(dev).to(memory_format=torch.channels_last)
     variants["channels_last"] = (cl, x.contiguous(memory_format=torch.channels_last))
     out: dict = {"model": name, "B": 10}
     if compile:
         try:
-            comp = torch.compile(_timm(name))
+            comp = torch.compile(_timm(name).to(dev))
             t = _time(lambda: comp(x))
             out["compile_s"] = t
             variants["compile"] = (comp, x)
@@ -285,26 +347,35 @@ def _options(name: str, size: int, batch: int, repeats: int, compile: bool, log)
             out["compile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     run = {}
     for v, (m, xx) in variants.items():
-        u = wrap(m, 10, "entropy", "mean")
         run[(v, "plain")] = (lambda m=m, xx=xx: m(xx))
-        run[(v, "ours")] = (lambda u=u, xx=xx: u(xx))
-    for fn in run.values():
-        _time(fn)
+        for mode in ("ours", "segments"):
+            u = wrap(m, 10, "entropy", "mean", engine=ENGINE[mode])
+            run[(v, mode)] = (lambda u=u, xx=xx: u(xx))
+    for k, fn in run.items():
+        t = _time(fn)
+        if k == ("compile", "segments"):
+            out["compile_segments_s"] = t
     times: dict = {k: [] for k in run}
     for _ in range(repeats):
         for k, fn in run.items():
             times[k].append(_time(fn))
     base_plain = statistics.median(times[("default", "plain")])
-    out["variants"] = {v: {"plain_s": statistics.median(times[(v, "plain")]), "ours_s": statistics.median(times[(v, "ours")]),
-                           "plain_x_default": statistics.median(times[(v, "plain")]) / base_plain,
-                           "ours_x_plain": statistics.median(times[(v, "ours")]) / statistics.median(times[(v, "plain")])}
+    med = {k: statistics.median(t) for k, t in times.items()}
+    out["variants"] = {v: {"plain_s": med[(v, "plain")], "ours_s": med[(v, "ours")], "segments_s": med[(v, "segments")],
+                           "plain_x_default": med[(v, "plain")] / base_plain,
+                           "ours_x_plain": med[(v, "ours")] / med[(v, "plain")],
+                           "ours_x_default_ours": med[(v, "ours")] / med[("default", "ours")],
+                           "segments_x_default_ours": med[(v, "segments")] / med[("default", "ours")]}
                        for v in variants}
-    log("options: " + ", ".join(f"{v} plain {d['plain_s'] * 1000:.0f} ms ours {d['ours_s'] * 1000:.0f} ms"
-                                for v, d in out["variants"].items()))
+    log("options: " + ", ".join(f"{v} plain {d['plain_s'] * 1000:.0f} ms ours {d['ours_s'] * 1000:.0f} ms "
+                                f"segments {d['segments_s'] * 1000:.0f} ms" for v, d in out["variants"].items()))
     return out
 
 
-TARGETS = "B=1 <= 1.03x plain; resnet50 B=10 <= 10x plain and <= 1.2x the floor; align + aggregate <= 5%; peak RSS at B=32, batch 8 <= 2 GB"
+TARGETS = ("B=1 <= 1.03x plain; resnet50 B=10 <= 10x plain and <= 1.2x the floor; mobilenetv2_100 B=10 (segments) "
+           "<= 1.05x the floor; align + aggregate <= 5%; peak RSS at B=32, batch 8 <= 2 GB; resnet50 B=10 compiled "
+           "segments <= 0.9x eager ours; batch 1 resnet50 B=4 <= 3x and B=10 <= 7x the plain latency "
+           "(on a GPU: B=10 <= 3x)")
 
 
 def targets(result: dict) -> list[tuple[str, str, bool | None]]:
@@ -321,6 +392,29 @@ def targets(result: dict) -> list[tuple[str, str, bool | None]]:
                 out.append(("resnet50 B=10 <= 10x plain", f"{r['ours']['x_plain']:.2f}x", r["ours"]["x_plain"] <= 10))
                 out.append(("resnet50 B=10 within 1.2x of the trie floor", f"{r['ours_over_floor']:.2f}x",
                             r["ours_over_floor"] <= 1.2))
+    mb = result["models"].get("mobilenetv2_100")
+    if mb:
+        for r in mb["rows"]:
+            if r["B"] == 10 and "segments_over_floor" in r:
+                out.append(("mobilenetv2_100 B=10 (segments) within 1.05x of the floor", f"{r['segments_over_floor']:.2f}x",
+                            r["segments_over_floor"] <= 1.05))
+    if r50:
+        for r in r50["rows"]:
+            if r["B"] == 10 and "segments" in r:
+                out.append(("resnet50 B=10: segments no slower than ours (trie)",
+                            f"{r['segments']['s'] / r['ours']['s']:.2f}x", r["segments"]["s"] <= r["ours"]["s"] * 1.02))
+    opt = result.get("options") or {}
+    comp = (opt.get("variants") or {}).get("compile")
+    if comp and "segments_x_default_ours" in comp:
+        out.append((f"{opt['model']} B=10: compiled segments <= 0.9x eager ours", f"{comp['segments_x_default_ours']:.2f}x",
+                    comp["segments_x_default_ours"] <= 0.9))
+    lat = (result.get("latency") or {}).get("resnet50")
+    if lat:
+        gpu = str(result.get("device", "")).startswith("cuda")
+        for b, cap in ((4, 3.0), (10, 3.0 if gpu else 7.0)):
+            best = min(r["x_plain"] for r in lat["rows"] if r["B"] == b)
+            out.append((f"batch 1 resnet50 B={b} <= {cap:g}x the plain latency (best engine, p50)", f"{best:.2f}x",
+                        best <= cap))
     for name, m in result["models"].items():
         s = m["share"]
         out.append((f"{name} align + aggregate <= 5% (B={s['B']})", f"{100 * s['align_aggregate_share']:.1f}%",
@@ -341,18 +435,30 @@ def format_markdown(result: dict, with_targets: bool = True) -> str:
             f"({m['plain_flops'] / 1e9 / result['batch']:.2f} GFLOP/image); searchable sites {m['searchable']} "
             f"({m['space']} states). Median of {result['repeats']} interleaved repeats.",
             "",
-            "| B | ours x plain | rerun x plain | rerun / ours | floor x plain | ours / floor | FLOPs ours / rerun / floor (x plain) | rows per site |",
-            "|---|---|---|---|---|---|---|---|",
+            "| B | ours x plain | segments x plain | rerun x plain | rerun / ours | floor x plain | ours / floor "
+            "| segments / floor | FLOPs ours / rerun / floor (x plain) | rows per site |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in m["rows"]:
+            seg = r.get("segments")
             lines.append(
-                f"| {r['B']} | {r['ours']['x_plain']:.2f} | {r['rerun']['x_plain']:.2f} | {r['rerun_over_ours']:.2f} | "
-                f"{r['floor']['x_plain']:.2f} | {r['ours_over_floor']:.2f} | {r['ours']['flops_x_plain']:.2f} / "
+                f"| {r['B']} | {r['ours']['x_plain']:.2f} | {seg['x_plain'] if seg else float('nan'):.2f} | "
+                f"{r['rerun']['x_plain']:.2f} | {r['rerun_over_ours']:.2f} | "
+                f"{r['floor']['x_plain']:.2f} | {r['ours_over_floor']:.2f} | {r.get('segments_over_floor', float('nan')):.2f} | "
+                f"{r['ours']['flops_x_plain']:.2f} / "
                 f"{r['rerun']['flops_x_plain']:.2f} / {r['floor']['flops_x_plain']:.2f} | {r['rows']} |"
             )
         s = m["share"]
         lines += ["", f"Alignment + aggregation at B={s['B']}: {1000 * s['align_s']:.1f} + {1000 * s['aggregate_s']:.1f} ms "
                   f"of {1000 * s['total_s']:.0f} ms ({100 * s['align_aggregate_share']:.1f}%).", ""]
+    if result.get("latency"):
+        lines += [f"Batch-1 latency ({result['size']}x{result['size']}, {result['device']}), ms per image over "
+                  "interleaved repeats:", "",
+                  "| model | mode | B | p50 ms | p90 ms | p50 x plain |", "|---|---|---|---|---|---|"]
+        for name, lat in result["latency"].items():
+            for r in lat["rows"]:
+                lines.append(f"| {name} | {r['mode']} | {r['B']} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['x_plain']:.2f} |")
+        lines.append("")
     if result.get("memory"):
         lines += ["| peak RSS (fresh process) | plain | ours | rerun |", "|---|---|---|---|"]
         for pk in result["memory"]:
@@ -366,8 +472,11 @@ def format_markdown(result: dict, with_targets: bool = True) -> str:
                   "table above by the machine's drift): " + "; ".join(
             f"{v}: plain {d['plain_s'] * 1000:.0f} ms ({d['plain_x_default']:.2f}x default), ours {d['ours_s'] * 1000:.0f} ms "
             f"({d['ours_s'] / ours0:.2f}x default ours)"
+            + (f", segments {d['segments_s'] * 1000:.0f} ms ({d['segments_s'] / ours0:.2f}x default ours)"
+               if "segments_s" in d else "")
             for v, d in opt["variants"].items())
             + (f"; the compiled model's first call took {opt['compile_s']:.0f} s (inductor cache warm)" if "compile_s" in opt else "")
+            + (f", the compiled segments' first call {opt['compile_segments_s']:.0f} s" if "compile_segments_s" in opt else "")
             + (f"; torch.compile failed: {opt['compile_error']}" if "compile_error" in opt else "") + ".", ""]
     if with_targets:
         lines += ["| target | measured | met |", "|---|---|---|"]

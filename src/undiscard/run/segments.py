@@ -49,6 +49,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from undiscard.errors import UndiscardError
+from undiscard.run.levels import LEVEL_TAG
 from undiscard.sites.calls import BINDERS, is_site_call
 from undiscard.sites.ops import shift_at_offset
 from undiscard.sites.sitemap import SiteMap
@@ -94,9 +95,7 @@ def _site(site_index: int, level: int, rank: int, dims: tuple[int, ...] | None, 
     pass_ = getattr(_CURRENT, "pass_", None)
     if pass_ is None:
         return op(x, *args, **kwargs)
-    from undiscard.run.trie import _TAG  # the level tag the pass checks
-
-    setattr(x, _TAG, level - 1)
+    setattr(x, LEVEL_TAG, level - 1)
 
     def at(xs: torch.Tensor, offset: tuple[int, ...]) -> torch.Tensor:
         if dims is not None:
@@ -309,9 +308,13 @@ def _method(name: str) -> Callable:
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: Captured | reason}
 
 
-def capture(model: nn.Module, forward: Callable | None, sites: SiteMap, x: torch.Tensor) -> Captured:
+def capture(model: nn.Module, forward: Callable | None, sites: SiteMap, x: torch.Tensor,
+            reference: Callable | None = None) -> Captured:
     """Capture ``forward`` (default ``model``) for ``sites`` at ``x``'s size (module docstring).
 
+    ``reference(model, x, images, states, sites, forward=, captured=)``: the engine's pass (the
+    shared-prefix engine hands its own in); when given, the capture is checked against the
+    intercepting pass on a probe (step 4 of the module docstring) and refused if they differ.
     Raises :class:`UndiscardError` with the reason when the capture is refused.
 
     Shape:
@@ -320,15 +323,14 @@ def capture(model: nn.Module, forward: Callable | None, sites: SiteMap, x: torch
     probe = x[:1].detach()
     try:
         cap = _build(model, forward, sites, probe)
-        _verify(model, forward, sites, probe, cap)
+        if reference is not None:
+            _verify(reference, model, forward, sites, probe, cap)
     except _Refused as e:
         raise UndiscardError(str(e)) from None
     return cap
 
 
-def _verify(model, forward, sites: SiteMap, x: torch.Tensor, cap: Captured) -> None:
-    from undiscard.run.trie import _run_chunk
-
+def _verify(run: Callable, model, forward, sites: SiteMap, x: torch.Tensor, cap: Captured) -> None:
     L = len(sites.searchable)
     states = [[0] * L]
     for j, si in enumerate(sites.searchable):
@@ -341,8 +343,8 @@ def _verify(model, forward, sites: SiteMap, x: torch.Tensor, cap: Captured) -> N
     st = torch.tensor(states, dtype=torch.long)
     images = torch.zeros(len(states), dtype=torch.long)
     with torch.no_grad():
-        ref = _run_chunk(model, x, images, st, sites, forward=forward)
-        got = _run_chunk(model, x, images, st, sites, forward=forward, captured=cap)
+        ref = run(model, x, images, st, sites, forward=forward, captured=None)
+        got = run(model, x, images, st, sites, forward=forward, captured=cap)
     if ref is None:
         raise _Refused("a tensor crosses a searchable site")
     if got is None or not isinstance(got.outputs, torch.Tensor) or got.outputs.shape != ref.outputs.shape:
@@ -358,7 +360,7 @@ def _verify(model, forward, sites: SiteMap, x: torch.Tensor, cap: Captured) -> N
 
 
 def captured_for(model: nn.Module, forward: Callable | None, sites: SiteMap, x: torch.Tensor,
-                 compile: str | bool | None = None) -> Captured | None:
+                 compile: str | bool | None = None, reference: Callable | None = None) -> Captured | None:
     """The capture for this model, forward, input size, sites, device and dtype (made once and kept
     with the model); None, with one :class:`CaptureWarning` per key, when it is refused.
 
@@ -373,7 +375,7 @@ def captured_for(model: nn.Module, forward: Callable | None, sites: SiteMap, x: 
     per = _CACHE.setdefault(model, {})
     if key not in per:
         try:
-            cap = capture(model, forward, sites, x)
+            cap = capture(model, forward, sites, x, reference)
             if compile not in (None, False):
                 cap.compile("inductor" if compile is True else str(compile))
             per[key] = cap

@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from undiscard.run.engine import use_states
+from undiscard.run.levels import LEVEL_TAG
 from undiscard.errors import OptionError, StateError
 from undiscard.run.dispatch import CallMatcher, apply_grouped, group_rows, tensors_in
 from undiscard.sites.ops import shift_at_offset
@@ -31,7 +32,7 @@ from undiscard.sites.sitemap import SiteMap
 
 __all__ = ["SharedPrefixEvaluator", "TrieResult", "build_trie", "run_requests", "run_trie"]
 
-_TAG = "_undiscard_trie_level"
+_TAG = LEVEL_TAG
 
 
 class _CrossSite(Exception):
@@ -412,7 +413,7 @@ class SharedPrefixEvaluator:
         if capture and self.L:
             from undiscard.run.segments import captured_for
 
-            self.captured = captured_for(model, forward, sites, x, compile)
+            self.captured = captured_for(model, forward, sites, x, compile, reference=_run_chunk)
 
     def _start(self, image: int, state: tuple[int, ...]) -> int:
         if self.cache is None or not self.resume:
