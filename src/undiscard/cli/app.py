@@ -111,9 +111,10 @@ def add_eval(sub) -> None:
     sp.add_argument("--batch-size", type=int, default=128)
     sp.add_argument("--max-batch", type=int, default=64,
                     help="at most this many image-states per forward (default 64; larger batches are slower per image on CPU)")
-    sp.add_argument("--engine", choices=("trie", "segments", "rerun"), default="trie",
-                    help="trie (default): each distinct prefix computed once across the search; segments: the same on "
-                         "a graph captured once (less Python per op); rerun: one forward per state")
+    sp.add_argument("--engine", choices=("trie", "segments", "rerun"), default=None,
+                    help="trie (default; segments with --torchcompile): each distinct prefix computed once across the "
+                         "search; segments: the same on a graph captured once (less Python per op, compilable); "
+                         "rerun: one forward per state")
     sp.add_argument("--width", type=int, default=1,
                     help="states evaluated per image per search step (default 1: the criterion picks each; 0: all neighbours)")
     sp.add_argument("--seed", type=int, default=0)
@@ -130,6 +131,24 @@ def add_eval(sub) -> None:
                     help="with --config / --consistency: validation data to fit each predictor's temperature on, "
                          "for NLL and ECE after temperature scaling (e.g. fashion-mnist:val)")
     sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    g = sp.add_argument_group("timm validate.py flags (classification)")
+    g.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    g.add_argument("--amp", action="store_true",
+                   help="autocast the plain model and the method (the search's entropies stay float32)")
+    g.add_argument("--amp-dtype", default=None, choices=("float16", "bfloat16"),
+                   help="autocast dtype (implies --amp; default bfloat16 on CPU, float16 on CUDA)")
+    g.add_argument("--channels-last", action="store_true", help="model and images in channels_last memory format")
+    g.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model (default backend inductor); the engine becomes segments, whose "
+                        "captured graph is compiled with the same backend, unless --engine says otherwise")
+    g.add_argument("--retry", action="store_true",
+                   help="on out-of-memory, halve the images per forward and go on (same states per image)")
+    g.add_argument("--results-file", default=None, metavar="PATH",
+                   help="also write one row per predictor with timm's columns (model, top1, top1_err, top5, top5_err, "
+                        "param_count, img_size, interpolation) and ours (budget, criterion, aggregate, cost in plain "
+                        "forwards, ms_per_img, peak_memory_mb)")
+    g.add_argument("--results-format", default=None, choices=("csv", "json"),
+                   help="format of --results-file (default: json for a .json path, csv otherwise)")
     sp.add_argument("--json", default=None,
                     help="write results here; progress is saved per shard as it completes and a rerun of the same "
                          "command resumes it (OUT.partial.safetensors, or OUT.shard{r}of{N}.partial.safetensors under "

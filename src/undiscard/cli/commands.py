@@ -86,8 +86,24 @@ def cmd_train_backbone(args) -> int:
     return 0
 
 
+_TIMM_FLAGS = (("--device", "device", "cpu"), ("--amp", "amp", False), ("--amp-dtype", "amp_dtype", None),
+               ("--channels-last", "channels_last", False), ("--torchcompile", "torchcompile", None),
+               ("--retry", "retry", False), ("--results-file", "results_file", None),
+               ("--results-format", "results_format", None))
+
+
 def cmd_eval(args) -> int:
-    check_outputs(("--json", args.json), ("--plot", args.plot),
+    if args.engine is None:
+        args.engine = "segments" if args.torchcompile else "trie"
+    if args.task == "segmentation" or args.image_tta != "none" or args.config or args.consistency:
+        given = [flag for flag, attr, default in _TIMM_FLAGS if getattr(args, attr) != default]
+        if given:
+            raise UndiscardError(f"{', '.join(given)}: timm validate.py flags of the classification evaluation "
+                                 "(undiscard eval MODEL without --task segmentation, --image-tta, --config or "
+                                 "--consistency)")
+    if args.results_format and not args.results_file:
+        raise UndiscardError("--results-format needs --results-file PATH")
+    check_outputs(("--json", args.json), ("--plot", args.plot), ("--results-file", args.results_file),
                    ("--save-image-aggregators", args.save_image_aggregators, True),
                    *([("--cache-dir", args.cache_dir, True)] if args.image_tta != "none" else []))
     if args.size is not None and args.task != "segmentation":
@@ -113,7 +129,7 @@ def cmd_eval(args) -> int:
         return _cmd_eval_image_tta(args)
     if args.config or args.consistency:
         return _cmd_eval_paired(args)
-    from undiscard.evaluation.classify import EvalConfig, format_table, plot, run_eval
+    from undiscard.evaluation.classify import EvalConfig, format_table, plot, run_eval, write_results_file
     from undiscard.method.classify import AGGREGATES, budgets_from
     from undiscard.method.search import CRITERIA
 
@@ -135,13 +151,16 @@ def cmd_eval(args) -> int:
         aggregator=args.aggregator, searchable=parse_searchable(args.searchable), align=not args.no_align,
         limit=args.limit, start=args.start, batch_size=args.batch_size, max_batch=args.max_batch, width=args.width or None, seed=args.seed,
         engine=args.engine, timing_images=args.timing_images, repeats=args.repeats, single_states=args.single_states, threads=args.threads,
-        skip_corrupt=args.skip_corrupt, trust_pickle=args.trust_pickle,
+        skip_corrupt=args.skip_corrupt, trust_pickle=args.trust_pickle, device=args.device, amp=args.amp,
+        amp_dtype=args.amp_dtype, channels_last=args.channels_last, torchcompile=args.torchcompile, retry=args.retry,
     )
     before = mtime(args.json)
     result = run_eval(cfg, args.json, log=lambda m: print(m, file=sys.stderr), fresh=args.fresh)
     if result is None:  # a rank other than 0 of a torchrun launch: rank 0 prints and writes
         return 0
     print(format_table(result))
+    if args.results_file:
+        print(f"wrote {write_results_file(result, args.results_file, args.results_format)}", file=sys.stderr)
     if args.json and mtime(args.json) != before:  # not when a completed file was reused
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:

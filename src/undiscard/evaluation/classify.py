@@ -42,12 +42,12 @@ from typing import Any
 import torch
 
 from undiscard.method.aggregate import entropy
-from undiscard.evaluation.runio import config_diff, median_time, progress
+from undiscard.evaluation.runio import PeakMemory, config_diff, median_time, progress
 from undiscard.statefile import write_text_atomic
 from undiscard.evaluation.report import table
 from undiscard.errors import UndiscardError
 
-__all__ = ["EvalConfig", "calibration_error", "run_eval"]
+__all__ = ["EvalConfig", "RESULT_COLUMNS", "calibration_error", "results_rows", "run_eval", "write_results_file"]
 
 
 @dataclass
@@ -73,13 +73,22 @@ class EvalConfig:
     single_states: bool = False
     threads: int = 0
     skip_corrupt: bool = False  # a folder's unreadable images are left out (with a warning) instead of an error
+    device: str = "cpu"  # where the model and the batches run (cpu, cuda, cuda:1, ...)
+    amp: bool = False  # autocast the plain model and the method (the search's entropies stay float32)
+    amp_dtype: str | None = None  # float16 or bfloat16; None: bfloat16 on CPU, float16 on CUDA
+    channels_last: bool = False  # model and batches in channels_last memory format
+    torchcompile: str | None = None  # torch.compile backend for the plain model (and, engine segments, its graph)
+    retry: bool = False  # on out-of-memory, halve the images per forward and go on; not part of the saved config
     trust_pickle: bool = False  # allow a whole-module .pt model (unpickling runs code); not part of the saved config
 
 
 #: EvalConfig fields that do not change any number: not compared when resuming or reusing a result.
-_NOT_CONFIG = ("trust_pickle",)
+#: (``retry`` splits a batch into smaller forwards: every image's search stays the same.)
+_NOT_CONFIG = ("trust_pickle", "retry")
 #: Fields added after results were first written: a completed JSON without them had these values.
-_ADDED_DEFAULTS = {"skip_corrupt": False}
+_ADDED_DEFAULTS = {"skip_corrupt": False, "device": "cpu", "amp": False, "amp_dtype": None, "channels_last": False,
+                   "torchcompile": None}
+_FIELDS = ("conf", "correct", "correct5", "nll")
 
 
 def saved_config(cfg) -> dict:
@@ -116,29 +125,39 @@ def calibration_error(conf: torch.Tensor, correct: torch.Tensor, bins: int = 15)
 
 
 class _Acc:
-    """Per-image confidence / correctness / NLL of one configuration."""
+    """Per-image confidence / correctness (top-1, top-5) / NLL of one configuration."""
 
     def __init__(self, d: dict | None = None) -> None:
         d = d or {}
         self.conf: list[float] = d.get("conf", [])
         self.correct: list[int] = d.get("correct", [])
+        self.correct5: list[int] = d.get("correct5", [])
         self.nll: list[float] = d.get("nll", [])
 
     def add(self, logits: torch.Tensor, y: torch.Tensor) -> None:
-        logp = torch.log_softmax(logits.double(), -1)
+        logp = torch.log_softmax(logits.detach().double().cpu(), -1)
         conf, pred = logp.exp().max(-1)
         self.conf += conf.tolist()
         self.correct += (pred == y).long().tolist()
+        # top-5 as timm counts it: the label among the k = min(5, classes) largest logits
+        # (ties broken by torch.topk); with fewer than 5 classes it is top-k
+        top = logp.topk(min(5, logp.shape[-1]), dim=-1).indices
+        self.correct5 += (top == y[:, None]).any(-1).long().tolist()
         self.nll += (-logp.gather(1, y[:, None]).squeeze(1)).tolist()
 
+    def extend(self, other: "_Acc") -> None:
+        for f in _FIELDS:
+            getattr(self, f).extend(getattr(other, f))
+
     def state(self) -> dict:
-        return {"conf": self.conf, "correct": self.correct, "nll": self.nll}
+        return {f: getattr(self, f) for f in _FIELDS}
 
     def summary(self) -> dict:
         n = len(self.correct)
         return {
             "n": n,
             "top1": 100.0 * sum(self.correct) / max(1, n),
+            "top5": 100.0 * sum(self.correct5) / max(1, n),
             "nll": sum(self.nll) / max(1, n),
             "ece": 100.0 * calibration_error(torch.tensor(self.conf), torch.tensor(self.correct)),
         }
@@ -297,7 +316,7 @@ def _agree(d: _Dist, err: str | None) -> None:
 
 #: What ``OUT.partial.safetensors`` holds (:func:`undiscard.statefile.save_state`): a shard's
 #: per-image records; 3 = the first format that is not a pickle.
-PARTIAL_KIND = "undiscard.eval-partial/3"
+PARTIAL_KIND = "undiscard.eval-partial/4"  # 4: top-5 per image
 _PARTIAL = ".partial.safetensors"
 _LEGACY = ".partial.pt"  # the pickles of older versions: never loaded
 
@@ -327,12 +346,13 @@ def _to_file(state: dict) -> dict:
     """A shard's state with its per-image lists as tensors (float64 / int64: exact)."""
     acc = {k: {"conf": torch.tensor(v["conf"], dtype=torch.float64),
                "correct": torch.tensor(v["correct"], dtype=torch.int64),
+               "correct5": torch.tensor(v["correct5"], dtype=torch.int64),
                "nll": torch.tensor(v["nll"], dtype=torch.float64)} for k, v in state["acc"].items()}
     return {**state, "index": torch.tensor(state["index"], dtype=torch.int64), "acc": acc}
 
 
 def _from_file(state: dict) -> dict:
-    acc = {k: {f: v[f].tolist() for f in ("conf", "correct", "nll")} for k, v in state["acc"].items()}
+    acc = {k: {f: v[f].tolist() for f in _FIELDS} for k, v in state["acc"].items()}
     return {**state, "index": state["index"].tolist(), "acc": acc}
 
 
@@ -459,7 +479,7 @@ def _merge(parts: list[dict], n: int) -> dict[str, _Acc]:
     accs: dict[str, _Acc] = {}
     for k in keys:
         cols = {}
-        for field_ in ("conf", "correct", "nll"):
+        for field_ in _FIELDS:
             flat = []
             for p in parts:
                 if p["index"]:
@@ -477,6 +497,80 @@ class _Silent:
 
     def close(self) -> None:
         pass
+
+
+# ---------------------------------------------------------------- device, precision, memory
+
+AMP_DTYPES = ("float16", "bfloat16")
+
+
+@dataclass
+class _Runtime:
+    """Where and how the forwards run: device, autocast dtype (None: off), memory format."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    def batch(self, xb: torch.Tensor) -> torch.Tensor:
+        xb = xb.to(self.device)
+        if self.channels_last and xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        return xb
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _runtime(cfg: EvalConfig) -> _Runtime:
+    try:
+        dev = torch.device(cfg.device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UndiscardError(f"--device takes cpu, cuda or cuda:N; got {cfg.device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UndiscardError(f"--device takes cpu, cuda or cuda:N; got {cfg.device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UndiscardError(f"--device {cfg.device}: this torch build or machine has no CUDA device "
+                                 f"(torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UndiscardError(f"--device {cfg.device}: there are {torch.cuda.device_count()} CUDA device(s)")
+    amp = None
+    if cfg.amp or cfg.amp_dtype is not None:
+        name = cfg.amp_dtype or ("bfloat16" if dev.type == "cpu" else "float16")
+        if name not in AMP_DTYPES:
+            raise UndiscardError(f"--amp-dtype takes {' or '.join(AMP_DTYPES)}; got {name!r}")
+        amp = getattr(torch, name)
+    return _Runtime(dev, amp, cfg.channels_last)
+
+
+def _prepare_model(model: torch.nn.Module, cfg: EvalConfig, rt: _Runtime) -> torch.nn.Module:
+    """The model on the device, in channels_last, compiled, as ``cfg`` asks."""
+    model = model.to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.torchcompile:
+        try:
+            model = torch.compile(model, backend=cfg.torchcompile)
+        except Exception as exc:  # an unknown backend, no compiler: torch's own message
+            raise UndiscardError(f"--torchcompile {cfg.torchcompile}: torch.compile failed ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return model
+
+
+_OOM_TEXT = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(exc, oom)) or (
+        isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in _OOM_TEXT))
 
 
 # ---------------------------------------------------------------- the evaluation
@@ -510,20 +604,22 @@ def _single_states(sites) -> list[tuple[int, int, torch.Tensor]]:
 
 
 def _count_shard(cfg: EvalConfig, model, x, y, sites, wrapped: dict, single: list, batches: list[int], state: dict,
-                 accs: dict, out_path: Path | None, d: _Dist, shard_n: int, desc: str) -> None:
-    """Accumulate this rank's batches into ``accs`` (per configuration), saving ``state`` after each batch."""
+                 accs: dict, out_path: Path | None, d: _Dist, shard_n: int, desc: str, rt: _Runtime, log) -> None:
+    """Accumulate this rank's batches into ``accs`` (per configuration), saving ``state`` after each batch.
+
+    A batch runs in forwards of ``per`` images (the whole batch unless ``cfg.retry`` halved
+    it on an out-of-memory error, timm's ``--retry``): each image's search depends on the
+    image alone, so splitting a batch changes no state, only how many rows one forward holds.
+    """
     from undiscard.run.engine import use_states
 
-    def acc(key: str) -> _Acc:
-        return accs.setdefault(key, _Acc())
+    base = getattr(model, "_orig_mod", model)  # single states run through the interception: eager
 
-    bs = cfg.batch_size
-    bar = progress(shard_n, desc) if d.rank == 0 else _Silent()
-    bar.update(state["done"])
-    with torch.no_grad(), contextlib.closing(bar):  # closed on an error too: its line ends
-        for bi in batches[state["batches"]:]:
-            s = bi * bs
-            xb, yb = x[s : s + bs], y[s : s + bs]
+    def count(xb: torch.Tensor, yb: torch.Tensor, part: dict) -> None:
+        def acc(key: str) -> _Acc:
+            return part.setdefault(key, _Acc())
+
+        with rt.autocast():
             acc("plain").add(model(xb), yb)
             for c, w in wrapped.items():
                 found = w.search(xb)
@@ -536,14 +632,47 @@ def _count_shard(cfg: EvalConfig, model, x, y, sites, wrapped: dict, single: lis
                         # gains here is a learned correction of the features, not recovered states.
                         a1, _ = w.aggregator(found.features[:, :1], found.cells[:, :1])
                         acc(f"{c}|attention-default-only|1").add(w.split.head(w._from_positions(a1, found.grid)), yb)
-                    acc(f"{c}|best-single|{b}").add(found.logits[:, :b].gather(
-                        1, (-entropy(found.logits[:, :b])).argmax(1)[:, None, None].expand(-1, 1, found.logits.shape[-1])
-                    ).squeeze(1), yb)
+                    lg = found.logits[:, :b]
+                    pick = (-entropy(lg)).argmax(1).to(lg.device)
+                    acc(f"{c}|best-single|{b}").add(lg.gather(1, pick[:, None, None].expand(-1, 1, lg.shape[-1])).squeeze(1), yb)
             if single:
                 full = sites.with_searchable("main")
                 for i, k, st in single:
-                    with use_states(model, full, st):
-                        acc(f"single|{i}|{k}").add(model(xb), yb)
+                    with use_states(base, full, st):
+                        acc(f"single|{i}|{k}").add(base(xb), yb)
+
+    bs = cfg.batch_size
+    per = bs
+    bar = progress(shard_n, desc) if d.rank == 0 else _Silent()
+    bar.update(state["done"])
+    with torch.no_grad(), contextlib.closing(bar):  # closed on an error too: its line ends
+        for bi in batches[state["batches"]:]:
+            s = bi * bs
+            xb, yb = x[s : s + bs], y[s : s + bs]
+            while True:
+                part: dict[str, _Acc] = {}
+                try:
+                    for t in range(0, len(yb), per):
+                        count(rt.batch(xb[t : t + per]), yb[t : t + per], part)
+                    break
+                except Exception as exc:
+                    if not _is_oom(exc):
+                        raise
+                    del part
+                    if rt.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    now = min(per, len(yb))
+                    if not cfg.retry:
+                        raise UndiscardError(f"out of memory with {now} images per forward ({type(exc).__name__}); "
+                                             "add --retry to halve the images per forward and go on, or lower "
+                                             "--batch-size / --max-batch") from None
+                    if now == 1:
+                        raise UndiscardError(f"out of memory with one image per forward ({type(exc).__name__}): "
+                                             "lower --max-batch (image-states per forward) or the budget") from None
+                    per = now // 2
+                    log(f"out of memory with {now} images per forward; retrying with {per} (--retry)")
+            for k, v in part.items():
+                accs.setdefault(k, _Acc()).extend(v)
             state["batches"] += 1
             state["done"] += len(yb)
             state["index"] += range(s, s + len(yb))
@@ -553,23 +682,35 @@ def _count_shard(cfg: EvalConfig, model, x, y, sites, wrapped: dict, single: lis
             bar.update(len(yb))
 
 
-def _timing(cfg: EvalConfig, model, xt: torch.Tensor, common: dict) -> tuple[float, dict[str, float]]:
-    """Seconds per batch ``xt`` of the plain model and of every configuration, side by side in this process."""
+def _timing(cfg: EvalConfig, model, xt: torch.Tensor, common: dict, rt: _Runtime
+            ) -> tuple[float, dict[str, float], dict[str, float | None]]:
+    """Seconds per batch ``xt`` of the plain model and of every configuration, side by side in
+    this process, and the peak memory (MB) of each (``"plain"`` and the configurations' keys)."""
     from undiscard.method.classify import wrap
 
-    t_plain = median_time(lambda: model(xt), cfg.repeats)
+    def measure(fn) -> tuple[float, float | None]:
+        def run():
+            fn()
+            rt.sync()
+
+        with PeakMemory(rt.device) as pm:
+            t = median_time(run, cfg.repeats)
+        return t, pm.mb
+
     timing: dict[str, float] = {}
-    with torch.no_grad():
+    peaks: dict[str, float | None] = {}
+    with torch.no_grad(), rt.autocast():
+        t_plain, peaks["plain"] = measure(lambda: model(xt))
         for c in cfg.criteria:
             for b in cfg.budgets:
                 for a in cfg.aggregates:
                     w = wrap(model, budget=b, criterion=c, aggregate=a, **common)
-                    timing[f"{c}|{a}|{b}"] = median_time(lambda: w(xt), cfg.repeats)
-    return t_plain, timing
+                    timing[f"{c}|{a}|{b}"], peaks[f"{c}|{a}|{b}"] = measure(lambda: w(xt))
+    return t_plain, timing, peaks
 
 
-def _rows(cfg: EvalConfig, accs: dict, sites, single: list, timing: dict, t_plain: float, nt: int
-          ) -> tuple[list[dict], list[dict]]:
+def _rows(cfg: EvalConfig, accs: dict, sites, single: list, timing: dict, t_plain: float, nt: int,
+          peaks: dict | None = None) -> tuple[list[dict], list[dict]]:
     """The result rows per configuration (accuracy, NLL, ECE, cost) and per single state."""
     rows = []
     for c in cfg.criteria:
@@ -581,7 +722,8 @@ def _rows(cfg: EvalConfig, accs: dict, sites, single: list, timing: dict, t_plai
                 t = timing.get(f"{c}|{a}|{b}")
                 r.update(criterion=c, aggregate=a, budget=b,
                          ms_per_image=None if t is None else 1000 * t / nt,
-                         time_ratio=None if t is None else t / t_plain)
+                         time_ratio=None if t is None else t / t_plain,
+                         peak_memory_mb=(peaks or {}).get(f"{c}|{a}|{b}"))
                 rows.append(r)
     singles = []
     for i, k, _ in single:
@@ -617,8 +759,10 @@ def _run_eval(cfg: EvalConfig, out_path: Path | None, log, fresh: bool, d: _Dist
         state = {"batches": 0, "done": 0, "index": [], "acc": {}}
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    rt = _runtime(cfg)
     loaded = load_model(cfg.model, trust_pickle=cfg.trust_pickle)
-    model = loaded.model
+    params = sum(p.numel() for p in loaded.model.parameters())
+    model = _prepare_model(loaded.model, cfg, rt)
     x, y, data_name = load_data(cfg.data, loaded.input_size, cfg.limit, cfg.start, skip_corrupt=cfg.skip_corrupt,
                                 log=log)
     n = x.shape[0]
@@ -631,8 +775,10 @@ def _run_eval(cfg: EvalConfig, out_path: Path | None, log, fresh: bool, d: _Dist
     common = dict(searchable=cfg.searchable, align=cfg.align, fill=cfg.fill, max_batch=cfg.max_batch, seed=cfg.seed, width=cfg.width,
                   engine=cfg.engine,
                   aggregator=cfg.aggregator if needs_agg else None)
+    if cfg.engine == "segments" and cfg.torchcompile:
+        common["compile"] = cfg.torchcompile  # the captured graph, with the model's backend
     probe = wrap(model, budget=1, **common)
-    sites = probe.sites_for(x[:1])
+    sites = probe.sites_for(rt.batch(x[:1]))
     if bmax > sites.space_size:
         raise UndiscardError(
             f"budget {bmax} exceeds the search space of {sites.space_size} states "
@@ -652,7 +798,7 @@ def _run_eval(cfg: EvalConfig, out_path: Path | None, log, fresh: bool, d: _Dist
     wrapped = {c: wrap(model, budget=bmax, criterion=c, aggregate=cfg.aggregates[0], **common) for c in cfg.criteria}
     single = _single_states(sites) if cfg.single_states else []
     desc = f"eval {Path(loaded.spec).name}" + (f" (shard 0 of {d.world})" if d.world > 1 else "")
-    _count_shard(cfg, model, x, y, sites, wrapped, single, batches, state, accs, out_path, d, shard_n, desc)
+    _count_shard(cfg, model, x, y, sites, wrapped, single, batches, state, accs, out_path, d, shard_n, desc, rt, log)
 
     # ---- rank 0 merges every shard's per-image records, in image order
     shard = {"index": state["index"], "acc": {k: v.state() for k, v in accs.items()}}
@@ -670,12 +816,12 @@ def _run_eval(cfg: EvalConfig, out_path: Path | None, log, fresh: bool, d: _Dist
 
     # ---- cost, side by side in this process (with several processes: rank 0 alone, the others done)
     log("timing ..." if d.world == 1 else f"timing on rank 0 only (the other {d.world - 1} rank(s) have finished) ...")
-    xt = x[: cfg.timing_images]
-    t_plain, timing = _timing(cfg, model, xt, common)
+    xt = rt.batch(x[: cfg.timing_images])
+    t_plain, timing, peaks = _timing(cfg, model, xt, common, rt)
     nt = xt.shape[0]
     plain = accs["plain"].summary()
-    plain.update(ms_per_image=1000 * t_plain / nt, time_ratio=1.0)
-    rows, singles = _rows(cfg, accs, sites, single, timing, t_plain, nt)
+    plain.update(ms_per_image=1000 * t_plain / nt, time_ratio=1.0, peak_memory_mb=peaks.get("plain"))
+    rows, singles = _rows(cfg, accs, sites, single, timing, t_plain, nt, peaks)
     result = {
         "model": loaded.spec,
         "model_note": loaded.note,
@@ -683,11 +829,17 @@ def _run_eval(cfg: EvalConfig, out_path: Path | None, log, fresh: bool, d: _Dist
         "images": n,
         "start": cfg.start,
         "input_size": list(loaded.input_size),
+        "param_count": round(params / 1e6, 2),
+        "interpolation": _interpolation(data_name, loaded.input_size),
+        "device": str(rt.device),
+        "amp_dtype": None if rt.amp_dtype is None else str(rt.amp_dtype).removeprefix("torch."),
         "sites": {"searchable": list(sites.searchable), "space_size": sites.space_size,
                   "stride_total": list(sites.stride_total), "names": [s.name for s in sites.sites]},
         "config": config,
         "timing": {"images": nt, "repeats": cfg.repeats, "threads": torch.get_num_threads(),
                    "plain_ms_per_image": 1000 * t_plain / nt,
+                   "peak_memory": ("CUDA memory allocated" if rt.device.type == "cuda" else
+                                   "peak resident memory of the process (model and data included)"),
                    "measured_on": "one process" if d.world == 1 else f"rank 0 of {d.world}, alone after the shards finished"},
         "processes": d.world,
         "plain": plain,
@@ -708,21 +860,86 @@ def _run_eval(cfg: EvalConfig, out_path: Path | None, log, fresh: bool, d: _Dist
     return result
 
 
+def _interpolation(data_name: str, input_size) -> str:
+    """How the images were resized to the model's input (timm's ``interpolation`` column)."""
+    if data_name.startswith("fashion-mnist"):
+        return "none" if tuple(input_size[1:]) == (28, 28) else "bilinear"
+    return "bicubic"  # the folder loader: timm's eval transform
+
+
+#: The columns of ``--results-file``: timm ``validate.py``'s, then the method's.
+RESULT_COLUMNS = ("model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "interpolation",
+                  "budget", "criterion", "aggregate", "cost", "ms_per_img", "peak_memory_mb")
+
+
+def results_rows(result: dict) -> list[dict]:
+    """One row per predictor of an ``undiscard eval`` result (the plain model first), with
+    :data:`RESULT_COLUMNS`: accuracies in percent rounded as timm rounds them (4 decimals),
+    ``param_count`` in millions, ``cost`` the time in plain forwards (None where not timed)."""
+    size = result["input_size"]
+    head = {"model": result["model"], "param_count": result.get("param_count"),
+            "img_size": size[-1], "interpolation": result.get("interpolation")}
+    out = []
+    plain = {**result["plain"], "criterion": "plain", "aggregate": "none", "budget": 1}
+    for r in [plain, *result["rows"]]:
+        top5 = r.get("top5")
+        row = {**head, "top1": round(r["top1"], 4), "top1_err": round(100 - r["top1"], 4),
+               "top5": None if top5 is None else round(top5, 4), "top5_err": None if top5 is None else round(100 - top5, 4),
+               "budget": r["budget"], "criterion": r["criterion"], "aggregate": r["aggregate"],
+               "cost": None if r.get("time_ratio") is None else round(r["time_ratio"], 4),
+               "ms_per_img": None if r.get("ms_per_image") is None else round(r["ms_per_image"], 4),
+               "peak_memory_mb": None if r.get("peak_memory_mb") is None else round(r["peak_memory_mb"], 1)}
+        out.append({k: row[k] for k in RESULT_COLUMNS})
+    return out
+
+
+def write_results_file(result: dict, path: str | os.PathLike, fmt: str | None = None) -> Path:
+    """Write :func:`results_rows` as CSV (a header, one line per row; empty cells for None) or
+    JSON (a list of objects); ``fmt`` None: JSON for a ``.json`` path, CSV otherwise."""
+    import csv
+    import io
+
+    path = Path(path)
+    fmt = fmt or ("json" if path.suffix.lower() == ".json" else "csv")
+    rows = results_rows(result)
+    if fmt == "json":
+        text = json.dumps(rows, indent=4) + "\n"
+    elif fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        w.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+        text = buf.getvalue()
+    else:
+        raise UndiscardError(f"--results-format takes csv or json; got {fmt!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(text, path)
+    return path
+
+
 def format_table(result: dict) -> str:
 
     p = result["plain"]
-    rows = [["plain", "-", 1, f"{p['top1']:.2f}", f"{p['nll']:.4f}", f"{p['ece']:.2f}", f"{p['ms_per_image']:.2f}", "1.00"]]
+
+    def top5(r: dict) -> str:
+        return "-" if r.get("top5") is None else f"{r['top5']:.2f}"
+
+    rows = [["plain", "-", 1, f"{p['top1']:.2f}", top5(p), f"{p['nll']:.4f}", f"{p['ece']:.2f}",
+             f"{p['ms_per_image']:.2f}", "1.00"]]
     for r in result["rows"]:
         ms = "-" if r["ms_per_image"] is None else f"{r['ms_per_image']:.2f}"
         ratio = "-" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}"
-        rows.append([r["criterion"], r["aggregate"], r["budget"], f"{r['top1']:.2f}", f"{r['nll']:.4f}",
+        rows.append([r["criterion"], r["aggregate"], r["budget"], f"{r['top1']:.2f}", top5(r), f"{r['nll']:.4f}",
                      f"{r['ece']:.2f}", ms, ratio])
     head = (f"{result['model']} on {result['data']} ({result['images']} images); searchable sites "
             f"{result['sites']['searchable']} ({result['sites']['space_size']} states); timing on "
             f"{result['timing']['images']} images, median of {result['config']['repeats']}")
     if result.get("processes", 1) > 1:
         head += f"; accuracy from {result['processes']} processes, timing on rank 0 alone"
-    out = head + "\n" + table(["criterion", "aggregate", "B", "top-1 %", "NLL", "ECE %", "ms/img", "x plain"], rows)
+    if result.get("device", "cpu") != "cpu" or result.get("amp_dtype"):
+        head += f"; {result.get('device', 'cpu')}" + (f", autocast {result['amp_dtype']}" if result.get("amp_dtype") else "")
+    out = head + "\n" + table(["criterion", "aggregate", "B", "top-1 %", "top-5 %", "NLL", "ECE %", "ms/img", "x plain"],
+                              rows)
     if result["single_states"]:
         srows = [[s["site"], s["site_name"], "x".join(map(str, s["offset"])), "yes" if s["searchable"] else "no",
                   f"{s['top1']:.2f}", f"{s['top1'] - p['top1']:+.2f}"] for s in result["single_states"]]

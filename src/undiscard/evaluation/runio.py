@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["progress", "median_time", "ratios_to_plain", "config_diff",
-           "mtime"]
+__all__ = ["PeakMemory", "progress", "median_time", "ratios_to_plain", "config_diff",
+           "mtime", "vm_hwm_mb"]
 
 
 def progress(total: int, desc: str):
@@ -81,3 +81,55 @@ def mtime(path: str | os.PathLike | None) -> int | None:
         return Path(path).stat().st_mtime_ns if path else None
     except OSError:
         return None
+
+
+class PeakMemory:
+    """The peak memory, in MB, of what runs inside ``with PeakMemory(device) as pm:`` (``pm.mb``).
+
+    On a CUDA device: the peak of ``torch.cuda.max_memory_allocated`` (reset on entry). On
+    CPU: the peak resident set of the whole process (Linux ``VmHWM``, reset on entry through
+    ``/proc/self/clear_refs``), so it includes the model and the data already in memory;
+    ``None`` where the kernel offers neither.
+    """
+
+    def __init__(self, device: Any = "cpu") -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.mb: float | None = None
+        self._reset = False
+
+    def __enter__(self) -> "PeakMemory":
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._reset = True
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+                self._reset = True
+            except OSError:
+                self._reset = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self._reset:
+            self.mb = vm_hwm_mb()
+
+
+def vm_hwm_mb() -> float | None:
+    """This process's peak resident set in MB (Linux ``VmHWM``), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
