@@ -21,6 +21,9 @@ from undiscard.method.segment import wrap_segmentation
 ENGINES = ("trie", "segments", "rerun")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BF16 = torch.finfo(torch.bfloat16).eps
+#: (device, autocast dtype): bfloat16 on CPU; float16 and bfloat16 on CUDA where present
+AUTOCAST = [("cpu", torch.bfloat16)] + ([("cuda", torch.float16), ("cuda", torch.bfloat16)]
+                                        if torch.cuda.is_available() else [])
 
 
 def _model(name="resnet18", device="cpu", dtype=torch.float32):
@@ -36,22 +39,23 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+@pytest.mark.parametrize("device,dtype", AUTOCAST, ids=[f"{d}-{str(t)[6:]}" for d, t in AUTOCAST])
 @pytest.mark.parametrize("engine", ENGINES)
-def test_bfloat16_autocast_runs_and_stays_close_to_float32(engine):
-    model = _model()
-    x = _x()
+def test_autocast_runs_and_stays_close_to_float32(engine, device, dtype):
+    model = _model(device=device)
+    x = _x(device=device)
     # displacement order: the states do not depend on the logits, so both runs aggregate the same ones
     w = undiscard.wrap(model, 4, "displacement", "entropy", engine=engine, return_details=True)
     with torch.no_grad():
         ref, d_ref = w(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=dtype):
             out, d = w(x)
     assert torch.equal(d.states, d_ref.states)
-    assert torch.isfinite(out.float()).all()
+    assert torch.isfinite(out.float()).all() and out.device == x.device
     assert d.weights.dtype in (torch.float32, torch.float64)  # entropy weights are computed in float32 or wider
-    # each weight layer rounds its output to bfloat16 once: relative error at most one eps per layer
+    # each weight layer rounds its output to the low precision once: relative error at most one eps per layer
     depth, _ = depth_and_width(model)
-    assert _rel(out, ref) <= depth * BF16
+    assert _rel(out, ref) <= depth * torch.finfo(dtype).eps
 
 
 def test_bfloat16_autocast_entropy_search_stays_close_to_float32():
