@@ -307,25 +307,31 @@ def run_bench(
 
 
 def _latency(name: str, size: int, repeats: int, dev: torch.device, log) -> dict:
-    """Batch 1: ms per image, p50 and p90, for plain, ours and segments at B = 4 and 10 (interleaved)."""
+    """Batch 1: ms per image, p50 and p90, at B = 4 and 10 (interleaved): the entropy search
+    (one pass per step) on ours and on segments, and the default order (displacement, which
+    looks at no output: every state in one pass) on segments; with each one's FLOPs."""
     model = _timm(name).to(dev)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)).to(dev)
-    run = {("plain", 1): lambda: model(x)}
+    run = {("plain", "-", 1): lambda: model(x)}
     for b in (4, 10):
-        for m in ("ours", "segments"):
-            u = wrap(model, b, "entropy", "mean", engine=ENGINE[m])
-            run[(m, b)] = (lambda u=u: u(x))
+        for m, crit, agg in (("ours", "entropy", "mean"), ("segments", "entropy", "mean"),
+                             ("segments", "displacement", "entropy")):
+            u = wrap(model, b, crit, agg, engine=ENGINE[m])
+            run[(m, crit, b)] = (lambda u=u: u(x))
     for fn in run.values():  # warm-up (and the capture)
         _time(fn)
     times: dict = {k: [] for k in run}
     for _ in range(repeats):
         for k, fn in run.items():
             times[k].append(_time(fn))
-    p50 = statistics.median(times[("plain", 1)])
+    p50 = statistics.median(times[("plain", "-", 1)])
+    f0 = _flops(run[("plain", "-", 1)])
     out = {"repeats": repeats, "rows": [
-        {"mode": m, "B": b, "p50_ms": 1000 * statistics.median(t), "p90_ms": 1000 * _percentile(t, 0.9),
-         "x_plain": statistics.median(t) / p50} for (m, b), t in times.items()]}
-    log(f"batch-1 latency {name}: " + ", ".join(f"{r['mode']} B={r['B']} {r['p50_ms']:.0f} ms" for r in out["rows"]))
+        {"mode": m, "search": crit, "B": b, "p50_ms": 1000 * statistics.median(t), "p90_ms": 1000 * _percentile(t, 0.9),
+         "x_plain": statistics.median(t) / p50, "flops_x_plain": _flops(run[(m, crit, b)]) / f0}
+        for (m, crit, b), t in times.items()]}
+    log(f"batch-1 latency {name}: " + ", ".join(f"{r['mode']} {r['search']} B={r['B']} {r['p50_ms']:.0f} ms"
+                                                for r in out["rows"]))
     return out
 
 
@@ -413,7 +419,7 @@ def targets(result: dict) -> list[tuple[str, str, bool | None]]:
         gpu = str(result.get("device", "")).startswith("cuda")
         for b, cap in ((4, 3.0), (10, 3.0 if gpu else 7.0)):
             best = min(r["x_plain"] for r in lat["rows"] if r["B"] == b)
-            out.append((f"batch 1 resnet50 B={b} <= {cap:g}x the plain latency (best engine, p50)", f"{best:.2f}x",
+            out.append((f"batch 1 resnet50 B={b} <= {cap:g}x the plain latency (best engine and search, p50)", f"{best:.2f}x",
                         best <= cap))
     for name, m in result["models"].items():
         s = m["share"]
@@ -454,10 +460,13 @@ def format_markdown(result: dict, with_targets: bool = True) -> str:
     if result.get("latency"):
         lines += [f"Batch-1 latency ({result['size']}x{result['size']}, {result['device']}), ms per image over "
                   "interleaved repeats:", "",
-                  "| model | mode | B | p50 ms | p90 ms | p50 x plain |", "|---|---|---|---|---|---|"]
+                  "| model | engine | search | B | p50 ms | p90 ms | p50 x plain | FLOPs x plain |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, lat in result["latency"].items():
             for r in lat["rows"]:
-                lines.append(f"| {name} | {r['mode']} | {r['B']} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['x_plain']:.2f} |")
+                fl = r.get("flops_x_plain")
+                lines.append(f"| {name} | {r['mode']} | {r.get('search', 'entropy')} | {r['B']} | {r['p50_ms']:.1f} | "
+                             f"{r['p90_ms']:.1f} | {r['x_plain']:.2f} | {'-' if fl is None else f'{fl:.2f}'} |")
         lines.append("")
     if result.get("memory"):
         lines += ["| peak RSS (fresh process) | plain | ours | rerun |", "|---|---|---|---|"]
@@ -515,14 +524,18 @@ def plot_bench(result: dict, path: str | os.PathLike) -> Path:
     return path
 
 
-def write_readme(result: dict, readme: str | os.PathLike, tag: str = "bench") -> None:
-    """Replace the text of a Markdown file between ``<!-- {tag}:start -->`` and ``<!-- {tag}:end -->``."""
+def write_readme(result: dict, readme: str | os.PathLike, tag: str | None = None) -> None:
+    """Replace the text of a Markdown file between ``<!-- {tag}:start -->`` and ``<!-- {tag}:end -->``
+    (``tag`` None: ``bench-gpu`` for a CUDA measurement, ``bench`` otherwise)."""
+    gpu = str(result.get("device", "")).startswith("cuda")
+    tag = tag or ("bench-gpu" if gpu else "bench")
     p = Path(readme)
     text = p.read_text()
     a, b = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
     if a not in text or b not in text:
         raise UndiscardError(f"{p} has no {a} ... {b} markers")
-    body = ("\nGenerated by `bash scripts/bench.sh` (`undiscard bench`); do not edit by hand. "
+    script = "scripts/gpu_check.sh" if gpu else "scripts/bench.sh"
+    body = (f"\nGenerated by `bash {script}` (`undiscard bench`); do not edit by hand. "
             f"Targets: {TARGETS}.\n\n" + format_markdown(result))
     p.write_text(text[: text.index(a) + len(a)] + body + text[text.index(b):])
 
