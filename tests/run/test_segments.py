@@ -108,3 +108,31 @@ def test_compile_needs_the_segments_engine():
     model = cached("timm", "resnet18", (("num_classes", 5),))
     with pytest.raises(undiscard.OptionError, match="segments"):
         undiscard.wrap(model, 2, compile=True)
+
+
+def _compiled_equals_eager(backend: str) -> None:
+    import copy
+
+    model = copy.deepcopy(cached("timm", "resnet18", (("num_classes", 5),)))
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", CaptureWarning)  # the capture must succeed: a fallback would hide the compile
+        a = undiscard.wrap(model, 5, "entropy", "mean", return_details=True)(x)
+        w = undiscard.wrap(model, 5, "entropy", "mean", engine="segments", compile=backend, return_details=True)
+        b = w(x)
+        b2 = w(x[:2])  # another batch size: the same compiled segments (dynamic batch)
+    assert torch.equal(a[1].states, b[1].states) and torch.equal(b2[1].states, a[1].states[:2])
+    # a compiler may fuse and reorder the float ops of a layer: at most a few roundings per op
+    assert_close_scaled(b[0], a[0], ops=rounding_ops(model))
+    assert_close_scaled(b2[0], a[0][:2], ops=rounding_ops(model))
+
+
+def test_compiled_segments_equal_the_eager_engine():
+    # dynamo traces the segments between the sites (the site function is kept out of them);
+    # the "eager" backend runs what it traced as it is, so this checks the capture and the graph breaks
+    _compiled_equals_eager("eager")
+
+
+@pytest.mark.slow
+def test_inductor_compiled_segments_equal_the_eager_engine():
+    _compiled_equals_eager("inductor")
