@@ -88,6 +88,45 @@ def test_a_tensor_crossing_a_site_falls_back_with_the_same_results(n):
     assert_close_scaled(res.outputs, ref, ops=rounding_ops(model))
 
 
+class BatchSizeNet(nn.Module):
+    """Reads the batch size before its sites and reshapes with it after them (torchvision's ViT
+    does this): no tensor crosses a site, but the expanded rows no longer fit the shape."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(2, 4, 3, 1, 1)
+        self.down1 = nn.Conv2d(4, 4, 3, 2, 1)
+        self.down2 = nn.Conv2d(4, 4, 3, 2, 1)
+        self.down3 = nn.Conv2d(4, 3, 3, 2, 1)
+
+    def forward(self, x):
+        n = x.shape[0]
+        d = self.down3(torch.relu(self.down2(torch.relu(self.down1(torch.relu(self.a(x)))))))
+        return d.reshape(n, 3, d.shape[-2] * d.shape[-1]).mean(-1)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_batch_size_read_before_a_site_falls_back_with_the_same_results(n):
+    model = BatchSizeNet().eval()
+    x = torch.randn(n, 2, 16, 16)
+    sites = undiscard.find_sites(model, x[:1])
+    states = torch.tensor([[[0, 0], [1, 0], [2, 1], [3, 3]]] * n)
+    sites = sites.with_searchable([1, 2])
+    with torch.no_grad():
+        res = run_trie(model, x, states, sites)
+        ref = _reference(model, x, states, sites)
+        # the one-pass search of an order that reads no output expands the rows at once
+        w = undiscard.wrap(model, 4, "displacement", "mean", searchable=[1, 2], return_details=True)
+        rerun = undiscard.wrap(model, 4, "displacement", "mean", searchable=[1, 2], engine="rerun",
+                               return_details=True)
+        got, want = w(x), rerun(x)
+    assert not res.shared
+    assert_close_scaled(res.outputs, ref, ops=rounding_ops(model))
+    assert torch.equal(got[1].states, want[1].states)
+    assert_close_scaled(got[0], want[0], ops=rounding_ops(model))
+
+
 def test_bad_states_are_a_clear_error():
     model = cached("timm", "resnet18", (("num_classes", 5),))
     x = torch.randn(2, 3, 64, 64)

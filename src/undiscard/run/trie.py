@@ -356,9 +356,21 @@ def _run_chunk(
 
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
     setattr(x0, _TAG, -1)
+    expands = len(trie.keys[-1]) > x0.shape[0]
     try:
         with _TrieMode(sites, pass_):
-            out = forward(x0)
+            try:
+                out = forward(x0)
+            except _CrossSite:
+                raise
+            except Exception:  # noqa: BLE001 - see below
+                # an op that fails only once the rows have expanded at a site read a size before
+                # that site (a batch size kept and used after it: torchvision's ViT reshapes with
+                # it), which the level tags cannot see: the same fallback as a crossing tensor. A
+                # genuine error recurs in the per-state forwards and is raised there.
+                if resumed or not expands:
+                    raise
+                raise _CrossSite("an op failed on the expanded batch") from None
         if not isinstance(out, torch.Tensor) or getattr(out, _TAG, None) != L - 1 or out.shape[0] != len(trie.keys[-1]):
             raise _CrossSite("output")  # also: a batch size read before a site and reused after it
         return TrieResult(out.index_select(0, trie.inverse.to(out.device)), True, [len(p) for p in trie.parents])
