@@ -138,3 +138,19 @@ def test_device_cuda_runs_there_or_is_a_clear_error(capsys):
         assert rc == 0 and "cuda" in capsys.readouterr().out
     else:
         assert rc == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+def test_pretrained_reaches_the_loader(monkeypatch, capsys):
+    import undiscard.models.classifiers as classifiers
+
+    seen = {}
+    real = classifiers.load_model
+
+    def spy(spec, **kw):
+        seen.update(kw)
+        return real(spec, **{**kw, "pretrained": False})  # no download in tests
+
+    monkeypatch.setattr(classifiers, "load_model", spy)
+    assert main(["eval", str(SHIPPED), *QUICK, "--pretrained"]) == 0
+    assert seen["pretrained"] is True
+    capsys.readouterr()

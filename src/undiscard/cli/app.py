@@ -132,6 +132,8 @@ def add_eval(sub) -> None:
                          "for NLL and ECE after temperature scaling (e.g. fashion-mnist:val)")
     sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     g = sp.add_argument_group("timm validate.py flags (classification)")
+    g.add_argument("--pretrained", action="store_true",
+                   help="timm:NAME / torchvision:NAME: download the pretrained weights (default: random weights)")
     g.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     g.add_argument("--amp", action="store_true",
                    help="autocast the plain model and the method (the search's entropies stay float32)")

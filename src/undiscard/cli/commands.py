@@ -86,7 +86,8 @@ def cmd_train_backbone(args) -> int:
     return 0
 
 
-_TIMM_FLAGS = (("--device", "device", "cpu"), ("--amp", "amp", False), ("--amp-dtype", "amp_dtype", None),
+_TIMM_FLAGS = (("--pretrained", "pretrained", False), ("--device", "device", "cpu"), ("--amp", "amp", False),
+               ("--amp-dtype", "amp_dtype", None),
                ("--channels-last", "channels_last", False), ("--torchcompile", "torchcompile", None),
                ("--retry", "retry", False), ("--results-file", "results_file", None),
                ("--results-format", "results_format", None))
@@ -151,7 +152,8 @@ def cmd_eval(args) -> int:
         aggregator=args.aggregator, searchable=parse_searchable(args.searchable), align=not args.no_align,
         limit=args.limit, start=args.start, batch_size=args.batch_size, max_batch=args.max_batch, width=args.width or None, seed=args.seed,
         engine=args.engine, timing_images=args.timing_images, repeats=args.repeats, single_states=args.single_states, threads=args.threads,
-        skip_corrupt=args.skip_corrupt, trust_pickle=args.trust_pickle, device=args.device, amp=args.amp,
+        skip_corrupt=args.skip_corrupt, trust_pickle=args.trust_pickle, pretrained=args.pretrained,
+        device=args.device, amp=args.amp,
         amp_dtype=args.amp_dtype, channels_last=args.channels_last, torchcompile=args.torchcompile, retry=args.retry,
     )
     before = mtime(args.json)

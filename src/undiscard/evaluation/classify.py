@@ -73,6 +73,7 @@ class EvalConfig:
     single_states: bool = False
     threads: int = 0
     skip_corrupt: bool = False  # a folder's unreadable images are left out (with a warning) instead of an error
+    pretrained: bool = False  # timm / torchvision models: download their pretrained weights
     device: str = "cpu"  # where the model and the batches run (cpu, cuda, cuda:1, ...)
     amp: bool = False  # autocast the plain model and the method (the search's entropies stay float32)
     amp_dtype: str | None = None  # float16 or bfloat16; None: bfloat16 on CPU, float16 on CUDA
@@ -86,7 +87,7 @@ class EvalConfig:
 #: (``retry`` splits a batch into smaller forwards: every image's search stays the same.)
 _NOT_CONFIG = ("trust_pickle", "retry")
 #: Fields added after results were first written: a completed JSON without them had these values.
-_ADDED_DEFAULTS = {"skip_corrupt": False, "device": "cpu", "amp": False, "amp_dtype": None, "channels_last": False,
+_ADDED_DEFAULTS = {"skip_corrupt": False, "pretrained": False, "device": "cpu", "amp": False, "amp_dtype": None, "channels_last": False,
                    "torchcompile": None}
 _FIELDS = ("conf", "correct", "correct5", "nll")
 
@@ -760,7 +761,7 @@ def _run_eval(cfg: EvalConfig, out_path: Path | None, log, fresh: bool, d: _Dist
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rt = _runtime(cfg)
-    loaded = load_model(cfg.model, trust_pickle=cfg.trust_pickle)
+    loaded = load_model(cfg.model, pretrained=cfg.pretrained, trust_pickle=cfg.trust_pickle)
     params = sum(p.numel() for p in loaded.model.parameters())
     model = _prepare_model(loaded.model, cfg, rt)
     x, y, data_name = load_data(cfg.data, loaded.input_size, cfg.limit, cfg.start, skip_corrupt=cfg.skip_corrupt,
