@@ -21,7 +21,8 @@ the peak resident set of a fresh process running one configuration (on CUDA: the
 of ``torch.cuda.max_memory_allocated``).
 
 Batch-1 **latency** (one request at a time): ms per image, median (p50) and 90th
-percentile (p90) over interleaved repeats, for plain, ours and segments at B = 4 and 10.
+percentile (p90) over interleaved repeats, at B = 4 and 10: the entropy search on ours and
+on segments, and the default order (displacement: every state in one pass) on segments.
 **Options** (one model, B=10): channels_last and ``torch.compile`` for the plain model,
 ours and segments; with a compiled model, ``segments`` compiles its captured graph
 (the segments between the sites), ``ours`` runs the eager module under the compiled one.
@@ -43,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from undiscard.errors import UndiscardError
+from undiscard.evaluation.runio import PeakMemory
 from undiscard.method.classify import wrap
 from undiscard.sites.calls import BINDERS
 from undiscard.sites.sitemap import SiteMap
@@ -148,13 +150,6 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
-def _percentile(v: Sequence[float], q: float) -> float:
-    v = sorted(v)
-    k = (len(v) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
-
-
 def _peak_rss_mb(args: list[str]) -> float | None:
     """Peak RSS of a fresh process running one configuration (``--peak``)."""
     cmd = [sys.executable, "-m", "undiscard.evaluation.bench", "--peak", *args]
@@ -170,23 +165,13 @@ def _peak_child(model_name: str, mode: str, budget: int, batch: int, size: int, 
     model = _timm(model_name)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     _time(lambda: model(x[:1]))  # lazy initialisation out of the way
-    try:  # reset the peak RSS (VmHWM) so that only the run below counts
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    if mode == "plain":
-        _time(lambda: model(x))
-    else:
-        u = wrap(model, budget, "entropy", "mean", engine=ENGINE[mode])
-        _time(lambda: u(x))
-    hwm = None
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                hwm = int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    print(hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    with PeakMemory("cpu") as pm:  # the peak RSS (VmHWM) is reset: only the run below counts
+        if mode == "plain":
+            _time(lambda: model(x))
+        else:
+            u = wrap(model, budget, "entropy", "mean", engine=ENGINE[mode])
+            _time(lambda: u(x))
+    print(pm.mb if pm.mb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def run_bench(
@@ -306,6 +291,11 @@ def run_bench(
     return result
 
 
+def _p90(v: Sequence[float]) -> float:
+    """The 90th percentile, interpolated between the order statistics."""
+    return statistics.quantiles(v, n=10, method="inclusive")[-1] if len(v) > 1 else v[0]
+
+
 def _latency(name: str, size: int, repeats: int, dev: torch.device, log) -> dict:
     """Batch 1: ms per image, p50 and p90, at B = 4 and 10 (interleaved): the entropy search
     (one pass per step) on ours and on segments, and the default order (displacement, which
@@ -327,7 +317,7 @@ def _latency(name: str, size: int, repeats: int, dev: torch.device, log) -> dict
     p50 = statistics.median(times[("plain", "-", 1)])
     f0 = _flops(run[("plain", "-", 1)])
     out = {"repeats": repeats, "rows": [
-        {"mode": m, "search": crit, "B": b, "p50_ms": 1000 * statistics.median(t), "p90_ms": 1000 * _percentile(t, 0.9),
+        {"mode": m, "search": crit, "B": b, "p50_ms": 1000 * statistics.median(t), "p90_ms": 1000 * _p90(t),
          "x_plain": statistics.median(t) / p50, "flops_x_plain": _flops(run[(m, crit, b)]) / f0}
         for (m, crit, b), t in times.items()]}
     log(f"batch-1 latency {name}: " + ", ".join(f"{r['mode']} {r['search']} B={r['B']} {r['p50_ms']:.0f} ms"
